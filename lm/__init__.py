@@ -1,0 +1,1 @@
+"""lm: sharded JAX/Flax pretraining, CIFAR-10 baselines and sweeps."""

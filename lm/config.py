@@ -1,0 +1,114 @@
+"""The base config: every field, its default and what it means, in one place.
+
+Experiments (`experiments/<name>.py`) start from `get_config()` and override a few fields.
+The returned ConfigDict is locked, so a mistyped override is an error rather than a no-op.
+"""
+
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """Bad user input: `lm.main` prints it as one line and exits with code 2."""
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # Seeds init, dropout, data order and augmentation.
+  c.task = 'lm'                   # 'lm' (next-token prediction) or 'classify' (images).
+  c.resume_mismatch = 'error'     # 'error' or 'ignore': resuming with a changed model/optimizer.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'tiny_shakespeare'  # TFDS name, or 'files:<glob>' for your own text files.
+  c.data.data_dir = ''            # TFDS data dir; '' means TFDS's default (~/tensorflow_datasets).
+  c.data.text_key = 'text'        # Feature holding the text in a TFDS text dataset.
+  c.data.train_split = 'train'    # Split to train on.
+  c.data.eval_split = 'validation'  # Split `eval_every` and `--mode=eval` measure.
+  c.data.test_split = ''          # Extra split evaluated at the end ('' = none).
+  c.data.tokenizer = 'char'       # 'char', 'byte' or 'sentencepiece'.
+  c.data.tokenizer_path = ''      # SentencePiece model file (`python -m lm.tokenizer train`).
+  c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
+  c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
+  c.data.val_fraction = 0.0       # classify: hold out this fraction of train for validation.
+  c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
+  c.data.cutout = 0               # classify: side of the cutout square (0 = off).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.
+  c.model.num_layers = 4          # Transformer blocks.
+  c.model.num_heads = 4           # Attention heads.
+  c.model.d_model = 128           # Residual stream width.
+  c.model.mlp_dim = 0             # MLP hidden width (0 = 4 * d_model).
+  c.model.seq_len = 64            # Context length in tokens.
+  c.model.vocab_size = 0          # 0 = take it from the tokenizer.
+  c.model.pos = 'learned'         # 'learned' or 'rope' positions.
+  c.model.norm = 'layernorm'      # 'layernorm' or 'rmsnorm' (pre-norm either way).
+  c.model.mlp = 'gelu'            # 'gelu' or 'swiglu'.
+  c.model.use_bias = False        # Biases in dense layers and norms.
+  c.model.tie_embeddings = True   # Output projection shares the token embedding.
+  c.model.dropout = 0.0           # Dropout on residual branches and embeddings.
+  c.model.dtype = 'float32'       # Compute dtype ('bfloat16' on accelerators); params stay float32.
+  c.model.remat = False           # Rematerialise each block in the backward pass.
+  c.model.num_classes = 10        # classify: number of classes.
+  c.model.width = 1               # classify: width multiplier where the model has one.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000            # Optimizer steps.
+  c.train.epochs = 0.0            # classify: if > 0, sets `steps` from the train set size.
+  c.train.batch_size = 12         # Global batch, across all devices and processes.
+  c.train.grad_accum_steps = 1    # Micro-batches per step; batch_size is split between them.
+  c.train.log_every = 100         # Steps between metric lines.
+  c.train.eval_every = 500        # Steps between evaluations (0 = only at the end).
+  c.train.eval_batches = 20       # lm: batches per evaluation (classify: the whole split).
+  c.train.checkpoint_every = 500  # Steps between checkpoints (always one at the end).
+  c.train.keep_checkpoints = 3    # Checkpoints kept on disk.
+  c.train.label_smoothing = 0.0   # Cross-entropy label smoothing.
+  c.train.ema_decay = 0.0         # If > 0, keep an EMA of the params and evaluate it.
+  c.train.on_nan = 'stop'         # 'stop' or 'rollback' when a loss or gradient is not finite.
+  c.train.max_rollbacks = 3       # rollback: give up after this many.
+  c.train.profile = False         # Write a jax.profiler trace of a few steps to the workdir.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'          # 'adamw', 'sgd' (momentum), 'lion', 'adafactor' or 'adam'.
+  c.optim.lr = 1e-3               # Peak learning rate.
+  c.optim.schedule = 'cosine'     # 'cosine', 'constant', 'step' or 'onecycle'.
+  c.optim.warmup_steps = 100      # Linear warmup from 0.
+  c.optim.min_lr = 1e-4           # cosine: floor the decay ends at.
+  c.optim.decay_steps = 0         # cosine: steps to reach the floor (0 = train.steps).
+  c.optim.step_boundaries = (0.5, 0.75)  # step: fractions of train.steps where lr drops.
+  c.optim.step_factor = 0.1       # step: multiplier at each boundary.
+  c.optim.b1 = 0.9                # Adam/Lion beta1.
+  c.optim.b2 = 0.99               # Adam/Lion beta2.
+  c.optim.eps = 1e-8              # Adam epsilon.
+  c.optim.momentum = 0.9          # sgd momentum.
+  c.optim.nesterov = False        # sgd Nesterov momentum.
+  c.optim.weight_decay = 0.1      # Decoupled weight decay (not on biases, norms, embeddings).
+  c.optim.clip_norm = 1.0         # Global gradient-norm clip (0 = off).
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # Pure data parallelism (-1 = fill the remaining devices).
+  c.mesh.fsdp = 1                 # Params and optimizer state sharded; batch split too.
+  c.mesh.tensor = 1               # Megatron-style tensor parallelism over heads and MLP.
+
+  c.lock()
+  return c
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from an experiment file anywhere on disk."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist; pass --config=experiments/<name>.py')
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.lock()
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
