@@ -1,0 +1,67 @@
+"""Orbax checkpoints of the train state: async, atomic, resharded on restore.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a step
+directory that exists is whole; a half-written one (killed mid-save) is never listed.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lm.config import ConfigError
+
+
+def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
+  mngr.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores into `abstract_state`'s shardings, whatever mesh the checkpoint was written on."""
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    raise ConfigError(f'checkpoint {mngr.directory}/{step} cannot be restored '
+                      f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                      'move it away to resume from an earlier one') from e
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'no config.json in {workdir!r}: train there first '
+                      '(python -m lm.main --config=... --workdir=...)')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_for_inference(workdir: str):
+  """(config, params) of the latest checkpoint in `workdir`, on the default device."""
+  config = load_config(workdir)
+  mngr = manager(workdir)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f'no checkpoint in {workdir!r}/checkpoints: train there first')
+  meta = mngr.item_metadata(step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
+      is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+  try:
+    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError, OSError) as e:
+    raise ConfigError(f'checkpoint {mngr.directory}/{step} cannot be restored '
+                      f'({type(e).__name__}); it may be corrupt') from e
+  mngr.close()
+  params = state['ema_params'] if state.get('ema_params') is not None else state['params']
+  return config, jax.tree.map(np.asarray, params)

@@ -1,0 +1,119 @@
+"""Metrics to `metrics.jsonl` and TensorBoard, a live progress line, and MFU."""
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+# Dense peak FLOP/s per device for the compute dtype that matters there (bf16 on accelerators).
+# Matched against `device.device_kind` by substring, first hit wins.
+PEAK_FLOPS = (
+    ('H200', 989e12),
+    ('H100', 989e12),   # SXM; the PCIe card is lower (756e12).
+    ('A100', 312e12),
+    ('L4', 121e12),
+    ('A10', 125e12),
+    ('V100', 125e12),
+    ('TPU v6', 918e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5e', 197e12),
+    ('TPU v4', 275e12),
+    ('TPU v3', 123e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
+  """float32 matmul FLOP/s of this host through XLA: the honest peak for CPU MFU."""
+  x = jax.device_put(np.ones((n, n), np.float32), jax.devices('cpu')[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = math.inf
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      y = matmul(x)
+    y.block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 * repeats / best
+
+
+def peak_flops_per_device(device=None) -> float:
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    # Fake CPU devices share the host's cores: each gets its share of the measured peak.
+    return measured_cpu_peak() / len(jax.local_devices())
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in device.device_kind.lower():
+      return flops
+  return math.nan
+
+
+class Writer:
+  """Process 0 writes; other processes' writes are no-ops."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      except ImportError:
+        pass
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (v if isinstance(v, str) else float(v) if np.ndim(v) == 0
+                 else np.asarray(v).tolist()) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
+    if self._tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, float) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def read(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """One live line: step, loss, throughput and ETA (a carriage return on terminals)."""
+
+  def __init__(self, total_steps: int, unit: str, enabled: bool = True):
+    self.total, self.unit, self.enabled = total_steps, unit, enabled
+    self.tty = sys.stdout.isatty()
+
+  def update(self, step: int, loss: float, per_s: float, step_s: float, final: bool = False):
+    if not self.enabled:
+      return
+    eta = (self.total - step) * step_s
+    line = (f'step {step}/{self.total}  loss {loss:.4f}  {per_s:,.0f} {self.unit}/s  '
+            f'{step_s * 1e3:.1f} ms/step  ETA {_hms(eta)}')
+    if self.tty and not final:
+      print('\r' + line, end='', flush=True)
+    else:
+      print(('\r' if self.tty else '') + line, flush=True)
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

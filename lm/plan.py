@@ -1,0 +1,71 @@
+"""`--dry_run`: what a run would do on this device set, without training.
+
+Prints the mesh, the parameter count, every parameter's sharding, per-device memory for
+params, optimizer state and activations (from the compiled step), FLOPs per step, and the
+step time that implies on a target device at a given MFU.
+"""
+
+import jax
+import numpy as np
+
+from lm import metrics as metrics_lib
+from lm import sharding
+from lm import train
+
+_MIB = 2**20
+
+
+def _per_device_bytes(abstract_tree) -> int:
+  total = 0
+  for x in jax.tree.leaves(abstract_tree):
+    shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shard)) * x.dtype.itemsize
+  return total
+
+
+def print_plan(config, target_device: str = '', assumed_mfu: float = 0.4) -> dict:
+  trainer = train.Trainer(config, workdir='/nonexistent-dry-run')  # Validates; writes nothing.
+  mesh, state = trainer.mesh, trainer.abstract_state
+  print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind} '
+        f'({jax.process_count()} processes)')
+  print('mesh: ' + ', '.join(f'{k}={v}' for k, v in mesh.shape.items()))
+  print(f'parameters: {trainer.param_count:,}')
+  print(f'\n{"parameter":<48} {"shape":<20} sharding')
+  for path, shape, spec in sharding.describe(trainer.state_shardings.params, state.params):
+    print(f'{path:<48} {str(shape):<20} {spec}')
+
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + v.shape[1:], v.dtype)
+           for k, v in trainer.example.items()}
+  compiled = trainer.train_step.lower(state, batch).compile()
+  memory = compiled.memory_analysis()
+  temp = getattr(memory, 'temp_size_in_bytes', 0) if memory is not None else 0
+  params_b = _per_device_bytes(state.params)
+  opt_b = _per_device_bytes(state.opt_state)
+  flops = trainer.task.flops_per_step(
+      {'params': jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.params),
+       **jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.model_state)},
+      np.asarray(trainer.example['inputs']))
+  print(f'\nper device: params {params_b / _MIB:,.1f} MiB, optimizer state '
+        f'{opt_b / _MIB:,.1f} MiB, activations and temporaries {temp / _MIB:,.1f} MiB '
+        '(from the compiled step)')
+  print(f'FLOPs per step: {flops:.3e} ({trainer.task.items_per_step:,} '
+        f'{trainer.task.unit} per step)')
+  peak = _peak_for(target_device)
+  step_s = flops / (peak * jax.device_count() * assumed_mfu)
+  print(f'predicted step time on {jax.device_count()} x {target_device or "this device"} '
+        f'at {assumed_mfu:.0%} MFU: {step_s * 1e3:,.1f} ms '
+        f'({trainer.task.items_per_step / step_s:,.0f} {trainer.task.unit}/s); '
+        f'{trainer.steps:,} steps: {trainer.steps * step_s / 3600:,.2f} h')
+  return {'params': trainer.param_count, 'flops_per_step': flops, 'step_s': step_s,
+          'param_bytes_per_device': params_b, 'opt_bytes_per_device': opt_b}
+
+
+def _peak_for(target_device: str) -> float:
+  if not target_device:
+    return metrics_lib.peak_flops_per_device()
+  for name, flops in metrics_lib.PEAK_FLOPS:
+    if name.lower() in target_device.lower() or target_device.lower() in name.lower():
+      return flops
+  names = ', '.join(n for n, _ in metrics_lib.PEAK_FLOPS)
+  raise train.ConfigError(f'--plan_device={target_device!r} is not in the peak table; '
+                          f'use one of: {names}')

@@ -1,0 +1,373 @@
+"""The training loop, shared by the language model and the image classifiers.
+
+`Trainer(config, workdir)` builds the task (data, model, optimizer), creates or restores the
+sharded state, and `run()` trains: dispatch step N, then read step N-1's metrics (no host sync
+per step), evaluate and checkpoint on schedule, stop cleanly on SIGTERM.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import checkpoint
+from lm import metrics as metrics_lib
+from lm import optim
+from lm import sharding
+from lm import steps as steps_lib
+from lm.config import ConfigError, to_json
+
+# Fields that may change between a run and its resumption without `resume_mismatch=ignore`.
+_RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+                      'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
+                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
+                      'resume_mismatch')
+
+
+class Diverged(RuntimeError):
+  """The loss or gradient went non-finite and config.train.on_nan says to stop."""
+
+
+class Task:
+  """What differs between tasks: data, model, and how to count FLOPs and report eval."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    pi, pc = jax.process_index(), jax.process_count()
+    if config.task == 'lm':
+      from lm import data, model  # pylint: disable=g-import-not-at-top
+      tok_path = os.path.join(workdir, 'tokenizer.json')
+      # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
+      tokenizer = data.load_tokenizer(workdir) if os.path.exists(tok_path) else None
+      self.data = data.make_text_data(config, tokenizer, pi, pc)
+      vocab = config.model.vocab_size or self.data.vocab_size
+      self.model_config = model.TransformerConfig.from_config(config.model, vocab)
+      self.model = model.Transformer(self.model_config)
+      self.unit = 'tok'
+      self.items_per_step = config.train.batch_size * config.model.seq_len
+    elif config.task == 'classify':
+      from lm import cnn, images  # pylint: disable=g-import-not-at-top
+      self.data = images.make_image_data(config, pi, pc)
+      self.model = cnn.build(config.model)
+      self.unit = 'img'
+      self.items_per_step = config.train.batch_size
+    else:
+      raise ConfigError(f'task={config.task!r} is unknown; use lm or classify')
+
+  def steps(self) -> int:
+    train = self.config.train
+    if self.config.task == 'classify' and train.epochs > 0:
+      return max(1, int(round(train.epochs * self.data.steps_per_epoch)))
+    return train.steps
+
+  def flops_per_step(self, params, example) -> float:
+    """Training FLOPs per step: PaLM's 6N + 12LHQT per token for the LM, 3x forward for CNNs."""
+    if self.config.task == 'lm':
+      from lm import model  # pylint: disable=g-import-not-at-top
+      return model.flops_per_token(self.model_config) * self.items_per_step
+    forward = jax.jit(lambda p, x: self.model.apply(p, x, train=False))
+    cost = forward.lower(params, example).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return 3 * cost.get('flops', math.nan) * self.items_per_step / example.shape[0]
+
+  def eval_batches(self, split: str):
+    if self.config.task == 'lm':
+      return self.data.eval_batches(self.config.train.eval_batches)
+    return self.data.eval_batches(split)
+
+  def summarize_eval(self, sums: dict, prefix: str) -> dict:
+    count = max(float(sums['count']), 1.0)
+    loss = float(sums['loss']) / count
+    out = {f'{prefix}/loss': loss, f'{prefix}/accuracy': float(sums['correct']) / count}
+    if self.config.task == 'lm':
+      out[f'{prefix}/bits_per_byte'] = loss / math.log(2) / self.data.bytes_per_token()
+      if self.config.data.tokenizer == 'char':
+        out[f'{prefix}/bits_per_char'] = loss / math.log(2) / self.data.chars_per_token()
+    return out
+
+
+def _diff(old: dict, new: dict, prefix: str = '') -> list[str]:
+  keys = sorted(set(old) | set(new))
+  out = []
+  for k in keys:
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f'{prefix}{k}.')
+    elif a != b and not (isinstance(a, list) and tuple(a) == b):
+      out.append(f'{prefix}{k}: {a!r} -> {b!r}')
+  return out
+
+
+class Trainer:
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.is_main = jax.process_index() == 0
+    self.mesh = sharding.make_mesh(config.mesh)
+    self._check_batch()
+    self._check_config_drift()
+    self.task = Task(config, workdir)
+    self.steps = self.task.steps()
+    self.tx, self.lr = optim.make(config.optim, self.steps)
+    self.example = jax.tree.map(lambda x: x[:1], self.task.data.train_batch(0))
+    self._build_state_shardings()
+    self._jit_steps()
+    self._ckpt = None
+
+  @property
+  def ckpt(self):
+    # Created on first use: validating a config must not write into the workdir.
+    if self._ckpt is None:
+      self._ckpt = checkpoint.manager(self.workdir, self.config.train.keep_checkpoints)
+    return self._ckpt
+
+  def has_checkpoint(self) -> bool:
+    return (os.path.isdir(os.path.join(self.workdir, 'checkpoints'))
+            and self.ckpt.latest_step() is not None)
+
+  def _write_workdir(self):
+    if not self.is_main:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    if self.config.task == 'lm' and not os.path.exists(
+        os.path.join(self.workdir, 'tokenizer.json')):
+      from lm import data  # pylint: disable=g-import-not-at-top
+      data.save_tokenizer(self.workdir, self.task.data.tokenizer)
+    with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+      f.write(to_json(self.config))
+
+  # --- set-up -------------------------------------------------------------------------------
+
+  def _check_batch(self):
+    train, shards = self.config.train, sharding.data_shards(self.mesh)
+    if train.batch_size % (shards * train.grad_accum_steps):
+      raise ConfigError(
+          f'train.batch_size={train.batch_size} must be divisible by the {shards} data shards '
+          f'(mesh data*fsdp) x train.grad_accum_steps={train.grad_accum_steps}; '
+          f'use a multiple of {shards * train.grad_accum_steps}')
+
+  def _check_config_drift(self):
+    path = os.path.join(self.workdir, 'config.json')
+    if not os.path.exists(path) or self.config.resume_mismatch == 'ignore':
+      return
+    with open(path) as f:
+      old = json.load(f)
+    changed = _diff(old, json.loads(to_json(self.config)))
+    blocking = [c for c in changed if not c.startswith(_RESUMABLE_CHANGES)]
+    if blocking:
+      raise ConfigError(
+          f'{self.workdir} was trained with a different config ({"; ".join(blocking)}); '
+          'use a new --workdir, or pass --config.resume_mismatch=ignore if the change is deliberate')
+    for c in changed:
+      print(f'resuming with a changed config: {c}', flush=True)
+
+  def _init(self, rng, boxed: bool = False):
+    inputs = jnp.zeros(self.example['inputs'].shape, self.example['inputs'].dtype)
+    variables = self.task.model.init({'params': rng, 'dropout': rng}, inputs, train=False)
+    variables = dict(variables)
+    params = variables.pop('params')
+    if not boxed:
+      params, variables = nn.meta.unbox((params, variables))
+    unboxed = nn.meta.unbox(params)
+    return steps_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(unboxed),
+        model_state=variables,
+        ema_params=params if self.config.train.ema_decay > 0 else None)
+
+  def _build_state_shardings(self):
+    rng = jax.random.key(self.config.seed)
+    boxed = jax.eval_shape(functools.partial(self._init, boxed=True), rng)
+    abstract = jax.eval_shape(self._init, rng)
+    param_sh = sharding.logical_shardings(boxed.params, abstract.params, self.mesh)
+    rep = sharding.replicated(self.mesh)
+    self.state_shardings = steps_lib.TrainState(
+        step=rep, params=param_sh,
+        opt_state=sharding.opt_state_shardings(self.tx, abstract.opt_state, param_sh, self.mesh),
+        model_state=jax.tree.map(lambda _: rep, abstract.model_state),
+        ema_params=param_sh if abstract.ema_params is not None else None)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, self.state_shardings)
+    self.param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+
+  def _jit_steps(self):
+    c, rep = self.config, sharding.replicated(self.mesh)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    batch_shardings = jax.tree.map(lambda _: batch_sh, self.example)
+    self.train_step = jax.jit(
+        functools.partial(steps_lib.train_step, model=self.task.model, tx=self.tx, seed=c.seed,
+                          grad_accum_steps=c.train.grad_accum_steps,
+                          label_smoothing=c.train.label_smoothing, ema_decay=c.train.ema_decay),
+        in_shardings=(self.state_shardings, batch_shardings),
+        out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    num_classes = c.model.num_classes if c.task == 'classify' else 0
+    self.eval_step = jax.jit(
+        functools.partial(steps_lib.eval_step, model=self.task.model, num_classes=num_classes),
+        out_shardings=rep)
+
+  def initial_state(self):
+    """The latest checkpoint, resharded onto this mesh, or a fresh state created sharded."""
+    step = self.ckpt.latest_step()
+    if step is not None:
+      print(f'resuming from {self.ckpt.directory}/{step}', flush=True)
+      return checkpoint.restore(self.ckpt, step, self.abstract_state)
+    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    return init(jax.random.key(self.config.seed))
+
+  # --- evaluation ---------------------------------------------------------------------------
+
+  def evaluate(self, state, split: str, prefix: str = 'eval') -> dict:
+    params = state.ema_params if state.ema_params is not None else state.params
+    totals = None
+    for batch in self.task.eval_batches(split):
+      sums = self.eval_step(params, state.model_state, sharding.to_global(batch, self.mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    out = self.task.summarize_eval(totals, prefix)
+    if 'confusion' in totals and self.is_main:
+      self._report_classes(totals['confusion'], prefix, out)
+    return out
+
+  def _report_classes(self, confusion, prefix: str, out: dict):
+    from lm import classification  # pylint: disable=g-import-not-at-top
+    names = self.task.data.class_names
+    report = classification.per_class_report(confusion, names)
+    out.update({f'{prefix}/{k}': v for k, v in report.items() if k.startswith('macro')})
+    classification.save_confusion_png(
+        confusion, names, os.path.join(self.workdir, f'confusion_{prefix}.png'))
+    with open(os.path.join(self.workdir, f'classes_{prefix}.json'), 'w') as f:
+      json.dump({'confusion': np.asarray(confusion).tolist(), **report}, f, indent=1)
+
+  # --- the loop -----------------------------------------------------------------------------
+
+  def evaluate_latest(self) -> dict:
+    """--mode=eval: the latest checkpoint on the eval (and test) split, appended to metrics."""
+    if not self.has_checkpoint():
+      raise ConfigError(f'no checkpoint in {self.workdir!r}: train there first, then --mode=eval')
+    state = self.initial_state()
+    step = int(jax.device_get(state.step))
+    out = self.evaluate(state, self.config.data.eval_split)
+    if self.config.data.test_split:
+      out.update(self.evaluate(state, self.config.data.test_split, prefix='test'))
+    writer = metrics_lib.Writer(self.workdir, self.is_main)
+    writer.write(step, {**out, 'eval/data_dir': self.config.data.data_dir})
+    writer.close()
+    return {'step': step, **out}
+
+  def run(self) -> dict:
+    c = self.config.train
+    self._write_workdir()
+    state = self.initial_state()
+    start = int(jax.device_get(state.step))
+    writer = metrics_lib.Writer(self.workdir, self.is_main)
+    progress = metrics_lib.Progress(self.steps, self.task.unit, self.is_main)
+    flops = self.task.flops_per_step(
+        {'params': state.params, **state.model_state}, jnp.asarray(self.example['inputs']))
+    peak = metrics_lib.peak_flops_per_device() * jax.device_count()
+    stop = _StopFlag()
+    final = {}
+    window = {'loss': [], 't0': None, 'n': 0}
+    pending = None
+
+    def record(step, m):
+      m = jax.device_get(m)
+      if not m['finite']:
+        self._on_nonfinite(step, m)
+      window['loss'].append(float(m['loss']))
+      done = step + 1
+      now = time.perf_counter()
+      if window['t0'] is None:  # The first step compiles; time from its end.
+        window['t0'], window['n'], window['loss'] = now, 0, []
+        return
+      window['n'] += 1
+      if done % c.log_every == 0 or done == self.steps:
+        step_s = (now - window['t0']) / max(window['n'], 1)
+        loss = float(np.mean(window['loss'])) if window['loss'] else float(m['loss'])
+        row = {'train/loss': loss, 'train/accuracy': float(m['accuracy']),
+               'train/grad_norm': float(m['grad_norm']), 'train/lr': float(self.lr(step)),
+               'perf/step_time_ms': step_s * 1e3,
+               f'perf/{self.task.unit}s_per_s': self.task.items_per_step / step_s,
+               'perf/mfu': flops / step_s / peak}
+        if self.config.task == 'lm':
+          row['perf/tokens_per_s'] = row.pop('perf/toks_per_s')
+        else:
+          row['perf/images_per_s'] = row.pop('perf/imgs_per_s')
+        writer.write(done, row)
+        progress.update(done, loss, self.task.items_per_step / step_s, step_s)
+        window['t0'], window['n'], window['loss'] = now, 0, []
+
+    for step in range(start, self.steps):
+      batch = sharding.to_global(self.task.data.train_batch(step), self.mesh)
+      state, m = self.train_step(state, batch)
+      if pending is not None:
+        record(*pending)
+      pending = (step, m)
+      done = step + 1
+      is_last = done == self.steps
+      eval_due = is_last or (c.eval_every and done % c.eval_every == 0)
+      ckpt_due = is_last or done % c.checkpoint_every == 0 or stop.requested
+      if eval_due or ckpt_due:
+        record(*pending)
+        pending = None
+        if eval_due:
+          final = self.evaluate(state, self.config.data.eval_split)
+          writer.write(done, final)
+          print(f'step {done}: ' + '  '.join(f'{k} {v:.4f}' for k, v in final.items()),
+                flush=True)
+          window['t0'] = time.perf_counter()  # Eval time is not step time.
+        if ckpt_due:
+          checkpoint.save(self.ckpt, done, state)
+        if stop.requested and not is_last:
+          self.ckpt.wait_until_finished()
+          print(f'stopped by signal at step {done}; checkpoint saved in '
+                f'{self.ckpt.directory}/{done}. Run the same command to continue.', flush=True)
+          writer.close()
+          return {'stopped_at': done}
+    if pending is not None:
+      record(*pending)
+    if start >= self.steps:
+      final = self.evaluate(state, self.config.data.eval_split)
+    if self.config.data.test_split:
+      test = self.evaluate(state, self.config.data.test_split, prefix='test')
+      writer.write(self.steps, test)
+      final.update(test)
+    self.ckpt.wait_until_finished()
+    writer.close()
+    if self.is_main:
+      with open(os.path.join(self.workdir, 'DONE'), 'w') as f:
+        json.dump({'step': self.steps, **final}, f, indent=1)
+    return final
+
+  def _on_nonfinite(self, step: int, m: dict):
+    last = self.ckpt.latest_step()
+    raise Diverged(
+        f'loss or gradient is not finite at step {step} (loss={float(m["loss"])}, '
+        f'grad_norm={float(m["grad_norm"])}); the update was skipped and the last good '
+        f'checkpoint is step {last} in {self.ckpt.directory}. Lower optim.lr or raise '
+        'optim.warmup_steps, or set train.on_nan=rollback')
+
+
+class _StopFlag:
+  """Turns SIGTERM/SIGINT into 'save a checkpoint after this step and exit 0'."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. under some test runners).
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # A second signal means "now".
+      raise KeyboardInterrupt
+    print(f'\nreceived signal {signum}: finishing the step in flight and saving', flush=True)
+    self.requested = True
