@@ -1,0 +1,287 @@
+"""Text data for language modelling: load a corpus, tokenize it, cut random windows.
+
+Letter key: B = global batch, B_local = this process's rows, L = seq_len, N = tokens in a split.
+
+A batch is a pure function of (seed, step, process index), so resuming at step s replays
+exactly the batches an uninterrupted run would have seen, with no iterator state to save.
+The global batch does not depend on the process count: each process draws every row's start
+(B integers, cheap) and keeps its own slice.
+"""
+
+import codecs
+import dataclasses
+import glob
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lm import tokenizer as tokenizer_lib
+from lm.config import ConfigError
+
+_FILES = 'files:'
+# Eval windows come from this stream whatever the training seed, so runs with different seeds
+# (or configs) are scored on the same windows and their losses compare without sampling noise.
+_EVAL_STREAM = 0x5EED_E7A1
+_SPLIT_IDS = {'train': 0, 'eval': 1, 'test': 2}
+
+
+def load_text(data_cfg) -> tuple[str, str]:
+  """Returns (train_text, eval_text) for `data_cfg.name`, a TFDS name or 'files:<glob>'."""
+  return load_split(data_cfg, 'train'), load_split(data_cfg, 'eval')
+
+
+def load_split(data_cfg, which: str) -> str:
+  """Returns the text of split `which`: 'train', 'eval' or 'test' (the config's splits)."""
+  if data_cfg.name.startswith(_FILES):
+    return _load_files(data_cfg, which)
+  return _load_tfds(data_cfg, f'{which}_split')
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS.
+
+
+def _tfds_data_dir(data_cfg) -> str:
+  data_dir = os.path.expanduser(data_cfg.data_dir or tfds.core.constants.DATA_DIR)
+  if not os.path.isdir(data_dir):
+    raise ConfigError(f'TFDS data dir {data_dir!r} does not exist; pass --config.data.data_dir='
+                      "<dir with prepared datasets> or use --config.data.name='files:<glob>'")
+  return data_dir
+
+
+def _prepared_datasets(data_dir: str) -> list[str]:
+  # A prepared dataset has <name>/<version>/dataset_info.json, or <name>/<config>/<version>/.
+  infos = (glob.glob(os.path.join(data_dir, '*', '*', 'dataset_info.json')) +
+           glob.glob(os.path.join(data_dir, '*', '*', '*', 'dataset_info.json')))
+  return sorted({os.path.relpath(p, data_dir).split(os.sep)[0] for p in infos})
+
+
+def _tfds_builder(data_cfg):
+  """The builder of a dataset already prepared in the data dir; never downloads."""
+  data_dir = _tfds_data_dir(data_cfg)
+  base_name = data_cfg.name.split(':')[0].split('/')[0]
+  prepared = _prepared_datasets(data_dir)
+  if base_name not in prepared:
+    raise ConfigError(
+        f'TFDS dataset {data_cfg.name!r} is not prepared in {data_dir!r} (it has: '
+        f'{", ".join(prepared) or "nothing"}); pick one of those, point --config.data.data_dir '
+        "at a dir that has it, or use --config.data.name='files:<glob>'")
+  try:
+    builder = tfds.builder(data_cfg.name, data_dir=data_dir)
+  except (AssertionError, ValueError) as e:  # TFDS asserts on a version it lacks.
+    reason = str(e).strip().splitlines()[-1]
+    raise ConfigError(f'cannot open TFDS dataset {data_cfg.name!r} in {data_dir!r} ({reason}); '
+                      'fix --config.data.name') from e
+  if not builder.is_prepared():
+    raise ConfigError(f'TFDS dataset {data_cfg.name!r} (version {builder.version}) is not '
+                      f'prepared in {data_dir!r}; prepare it there or name a version that is')
+  return builder
+
+
+def _load_tfds(data_cfg, field: str) -> str:
+  """Joins the text of every example of the split `data_cfg.<field>` names."""
+  split = data_cfg[field]
+  builder = _tfds_builder(data_cfg)
+  splits = list(builder.info.splits.keys())
+  # Accept TFDS slicing ('train[:90%]'); check only the split's name.
+  if re.match(r'[^\[]*', split).group(0) not in splits:
+    raise ConfigError(f'TFDS dataset {data_cfg.name!r} has no split {split!r}; it has '
+                      f'{", ".join(splits)}: set --config.data.{field} to one of them')
+  features = list(builder.info.features.keys())
+  if data_cfg.text_key not in features:
+    raise ConfigError(f'TFDS dataset {data_cfg.name!r} has no feature {data_cfg.text_key!r}; '
+                      f'it has {", ".join(features)}: set --config.data.text_key')
+  # `as_data_source` reads the prepared files; `tfds.data_source` would download when missing.
+  try:
+    source = builder.as_data_source(split=split)
+  except ValueError as e:  # A slice that selects no example.
+    raise ConfigError(f'TFDS split {split!r} of {data_cfg.name!r} selects nothing ({e}); fix '
+                      f'--config.data.{field}') from e
+  texts = (source[i][data_cfg.text_key] for i in range(len(source)))
+  # Newlines between examples so documents do not run into each other.
+  return '\n'.join(t.decode('utf-8', errors='replace') if isinstance(t, bytes) else t
+                   for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# files:<glob>.
+
+
+def _split_files(data_cfg) -> tuple[list[str], list[str]]:
+  """(train files, heldout files): sorted glob matches, the last `heldout_files` held out."""
+  pattern = os.path.expanduser(data_cfg.name[len(_FILES):])
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise ConfigError(f'{data_cfg.name!r} matched no files; fix the glob (quote it so the shell '
+                      "leaves it alone, '**' recurses)")
+  heldout = data_cfg.heldout_files
+  if heldout < 1:
+    raise ConfigError(f'heldout_files={heldout}: files: needs at least one validation file; '
+                      'set --config.data.heldout_files=1 or more')
+  if len(paths) < heldout + 1:
+    raise ConfigError(f'{data_cfg.name!r} matched {len(paths)} file(s) but heldout_files='
+                      f'{heldout} needs {heldout + 1} (at least one to train on); add files or '
+                      'lower --config.data.heldout_files')
+  return paths[:-heldout], paths[-heldout:]
+
+
+def _read_files(paths: list[str], max_bytes: int) -> str:
+  """Reads files in order, stopping after `max_bytes` bytes (0 = no limit)."""
+  # An incremental decoder drops a character cut in half at the cap instead of inventing one.
+  decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+  texts = []
+  left = max_bytes or -1
+  for path in paths:
+    with open(path, 'rb') as f:
+      raw = f.read(left)
+    texts.append(decoder.decode(raw, final=max_bytes == 0 or len(raw) < left))
+    decoder.reset()
+    if max_bytes:
+      left -= len(raw)
+      if left <= 0:
+        break
+  return '\n'.join(texts)
+
+
+def _load_files(data_cfg, which: str) -> str:
+  if which == 'test':
+    raise ConfigError("files: datasets have only train and heldout files; set "
+                      "--config.data.test_split='' or use a TFDS dataset")
+  train, heldout = _split_files(data_cfg)
+  # max_bytes caps each split on its own, so capping never empties the (last) heldout files.
+  return _read_files(train if which == 'train' else heldout, data_cfg.max_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and batches.
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  tokens: np.ndarray        # [N] uint16 (vocab <= 65536) or int32.
+  bytes_per_token: float    # UTF-8 bytes of the text / tokens: bits per byte = nats / ln2 / this.
+  chars_per_token: float    # Characters of the text / tokens, for bits per character.
+
+
+def _make_split(text: str, tokenizer, name: str, seq_len: int) -> Split:
+  ids = tokenizer.encode(text)
+  if len(ids) < seq_len + 1:
+    raise ConfigError(f'text corpus shorter than one sequence: the {name} split has {len(ids)} '
+                      f'tokens but seq_len={seq_len} needs {seq_len + 1}; use more text or lower '
+                      '--config.model.seq_len')
+  dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+  return Split(tokens=ids.astype(dtype),
+               bytes_per_token=len(text.encode('utf-8')) / len(ids),
+               chars_per_token=len(text) / len(ids))
+
+
+class TextData:
+  """Tokenized splits and the batches cut from them; see the module docstring."""
+
+  def __init__(self, tokenizer, splits: dict[str, Split], *, batch_size: int, seq_len: int,
+               seed: int, process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ConfigError(f'batch_size={batch_size} does not split over {process_count} '
+                        'processes; set --config.train.batch_size to a multiple of it')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    self.tokenizer = tokenizer
+    self.splits = splits
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.seed = seed
+    self.process_index = process_index
+    self.local_batch_size = batch_size // process_count
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.vocab_size
+
+  @property
+  def tokens_per_batch(self) -> int:
+    """Tokens in one global batch (all processes)."""
+    return self.batch_size * self.seq_len
+
+  @property
+  def train_tokens(self) -> np.ndarray:
+    return self.splits['train'].tokens
+
+  @property
+  def eval_tokens(self) -> np.ndarray:
+    return self.splits['eval'].tokens
+
+  def bytes_per_token(self, split: str = 'eval') -> float:
+    return self.splits[split].bytes_per_token
+
+  def chars_per_token(self, split: str = 'eval') -> float:
+    return self.splits[split].chars_per_token
+
+  def _batch(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    # Starts uniform over [0, N - L - 1] as nanoGPT: the last target is tokens[N - 1].
+    starts_B = rng.integers(0, len(tokens) - self.seq_len, size=self.batch_size)
+    lo = self.process_index * self.local_batch_size
+    starts = starts_B[lo:lo + self.local_batch_size]
+    windows = tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
+    return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}  # [B_local, L] each.
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global training batch for `step`."""
+    return self._batch(self.train_tokens, np.random.default_rng([self.seed, step]))
+
+  def eval_batches(self, num_batches: int, split: str = 'eval') -> list[dict[str, np.ndarray]]:
+    """The same `num_batches` random windows of `split` every call, whatever the seed."""
+    tokens = self.splits[split].tokens
+    return [self._batch(tokens, np.random.default_rng([_EVAL_STREAM, _SPLIT_IDS[split], i]))
+            for i in range(num_batches)]
+
+
+def make_text_data(config, tokenizer=None, process_index: int = 0,
+                   process_count: int = 1) -> TextData:
+  """Loads and tokenizes the corpus; `tokenizer` (e.g. reloaded on resume) skips building one."""
+  data_cfg = config.data
+  train_text, eval_text = load_text(data_cfg)
+  if tokenizer is None:
+    tokenizer = tokenizer_lib.build(data_cfg, train_text)
+  seq_len = config.model.seq_len
+  splits = {'train': _make_split(train_text, tokenizer, 'train', seq_len),
+            'eval': _make_split(eval_text, tokenizer, 'eval', seq_len)}
+  if data_cfg.test_split:
+    splits['test'] = _make_split(load_split(data_cfg, 'test'), tokenizer, 'test', seq_len)
+  return TextData(tokenizer, splits, batch_size=config.train.batch_size, seq_len=seq_len,
+                  seed=config.seed, process_index=process_index, process_count=process_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer in the workdir.
+
+
+def _tokenizer_path(workdir: str) -> str:
+  return os.path.join(workdir, 'tokenizer.json')
+
+
+def save_tokenizer(workdir: str, tokenizer) -> None:
+  """Writes `<workdir>/tokenizer.json` atomically: readers never see a partial file."""
+  os.makedirs(workdir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix='.tokenizer.json.')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(tokenizer.to_json(), f)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of the workdir.
+    os.replace(tmp, _tokenizer_path(workdir))
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def load_tokenizer(workdir: str):
+  """Reads the tokenizer a training run saved in `workdir`."""
+  path = _tokenizer_path(workdir)
+  if not os.path.isfile(path):
+    raise ConfigError(f'no tokenizer.json in {workdir!r}: train there first (or pass the '
+                      'workdir a training run wrote)')
+  with open(path) as f:
+    return tokenizer_lib.from_json(json.load(f))

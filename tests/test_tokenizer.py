@@ -1,0 +1,152 @@
+"""Tokenizers round-trip text, survive to_json/from_json, and fail with fixable messages."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lm import config as config_lib
+from lm import data
+from lm import tokenizer as tokenizer_lib
+from lm.config import ConfigError
+
+TFDS_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'tfds')
+# Newlines, runs of spaces and leading/trailing blanks: the cases normalisation would eat.
+TRICKY = '  First Citizen:\n\nBefore we  proceed any further, hear me speak.\n\t end \n'
+
+
+def _corpus(num_words=4000, seed=0) -> str:
+  rng = np.random.default_rng(seed)
+  words = ['the', 'king', 'queen', 'speak', 'hear', 'me', 'First', 'Citizen:', 'we', 'proceed',
+           'any', 'further,', 'speak.', 'Before', 'shall', 'stand', 'for', 'seed', 'end', '\tthou']
+  lines = [' '.join(rng.choice(words, size=rng.integers(1, 12))) for _ in range(num_words // 6)]
+  return '\n'.join(lines) + '\n  \n'
+
+
+def _data_cfg(**overrides):
+  cfg = config_lib.get_config().data
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def sp_proto():
+  return tokenizer_lib.train_sentencepiece(_corpus(), vocab_size=80)
+
+
+def _json_round_trip(tok):
+  return tokenizer_lib.from_json(json.loads(json.dumps(tok.to_json())))
+
+
+def test_char_round_trip_and_vocab_is_sorted_train_chars():
+  tok = tokenizer_lib.CharTokenizer.from_text(TRICKY)
+  assert tok.chars == ''.join(sorted(set(TRICKY)))
+  ids = tok.encode(TRICKY)
+  assert ids.dtype == np.int32 and len(ids) == len(TRICKY)
+  assert tok.decode(ids) == TRICKY
+  assert tok.decode(ids.tolist()) == TRICKY
+  assert _json_round_trip(tok).decode(ids) == TRICKY
+
+
+def test_char_drops_unseen_characters():
+  tok = tokenizer_lib.CharTokenizer.from_text('abc')
+  np.testing.assert_array_equal(tok.encode('a€xb'), [0, 1])
+  assert tok.decode(tok.encode('a€xb')) == 'ab'
+
+
+def test_char_handles_non_bmp_characters():
+  text = 'a😀b\n'
+  tok = tokenizer_lib.CharTokenizer.from_text(text)
+  assert tok.vocab_size == 4 and tok.decode(tok.encode(text)) == text
+
+
+def test_decode_drops_padding_ids():
+  # A model whose vocab is rounded up can sample ids the tokenizer never made.
+  tok = tokenizer_lib.CharTokenizer.from_text('ab')
+  assert tok.decode([0, 7, 1, -1]) == 'ab'
+  assert tokenizer_lib.ByteTokenizer().decode([104, 300, 105]) == 'hi'
+
+
+def test_byte_round_trip():
+  tok = tokenizer_lib.ByteTokenizer()
+  text = TRICKY + 'é€😀'
+  ids = tok.encode(text)
+  assert tok.vocab_size == 256 and ids.dtype == np.int32
+  assert len(ids) == len(text.encode('utf-8'))
+  assert tok.decode(ids) == text
+  assert _json_round_trip(tok).decode(ids) == text
+  assert tok.decode([0xE2, 0x82]) == '\ufffd'  # A cut character is replaced, not an error.
+
+
+def test_sentencepiece_round_trip(sp_proto):
+  tok = tokenizer_lib.SentencePieceTokenizer(sp_proto)
+  assert 40 <= tok.vocab_size <= 80
+  ids = tok.encode(TRICKY)
+  assert ids.dtype == np.int32
+  assert len(ids) < len(TRICKY)  # Pieces longer than one character were learned.
+  assert tok.decode(ids) == TRICKY
+
+
+def test_sentencepiece_json_round_trip(sp_proto):
+  tok = tokenizer_lib.SentencePieceTokenizer(sp_proto)
+  again = _json_round_trip(tok)
+  assert again.vocab_size == tok.vocab_size
+  np.testing.assert_array_equal(again.encode(TRICKY), tok.encode(TRICKY))
+
+
+def test_build_picks_by_name(tmp_path, sp_proto):
+  assert tokenizer_lib.build(_data_cfg(tokenizer='char'), 'hello').vocab_size == 4
+  assert isinstance(tokenizer_lib.build(_data_cfg(tokenizer='byte'), 'hello'),
+                    tokenizer_lib.ByteTokenizer)
+  path = tmp_path / 'sp.model'
+  path.write_bytes(sp_proto)
+  tok = tokenizer_lib.build(_data_cfg(tokenizer='sentencepiece', tokenizer_path=str(path)), '')
+  assert tok.decode(tok.encode(TRICKY)) == TRICKY
+
+
+@pytest.mark.parametrize('overrides,fix', [
+    (dict(tokenizer='bpe'), '--config.data.tokenizer'),
+    (dict(tokenizer='sentencepiece'), '--config.data.tokenizer_path'),
+    (dict(tokenizer='sentencepiece', tokenizer_path='/nonexistent/sp.model'),
+     '--config.data.tokenizer_path'),
+])
+def test_build_errors_name_the_fix(overrides, fix):
+  with pytest.raises(ConfigError, match=fix):
+    tokenizer_lib.build(_data_cfg(**overrides), 'text')
+
+
+def test_build_rejects_a_file_that_is_not_a_model(tmp_path):
+  path = tmp_path / 'sp.model'
+  path.write_text('not a model')
+  with pytest.raises(ConfigError, match='lm.tokenizer train'):
+    tokenizer_lib.build(_data_cfg(tokenizer='sentencepiece', tokenizer_path=str(path)), '')
+
+
+def test_cli_trains_on_files_glob(tmp_path, capsys):
+  for i in range(3):
+    (tmp_path / f'part{i}.txt').write_text(_corpus(1500, seed=i))
+  out = tmp_path / 'models' / 'sp.model'
+  path = tokenizer_lib.main(['train', f'--data=files:{tmp_path}/*.txt', '--vocab_size=70',
+                             f'--output={out}'])
+  assert path == str(out)
+  printed = capsys.readouterr().out
+  assert str(out) in printed and f'--config.data.tokenizer_path={out}' in printed
+  tok = tokenizer_lib.build(_data_cfg(tokenizer='sentencepiece', tokenizer_path=str(out)), '')
+  assert tok.decode(tok.encode(TRICKY)) == TRICKY
+
+
+def test_cli_error_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match='matched no files'):
+    tokenizer_lib.main(['train', f'--data=files:{tmp_path}/*.txt', '--vocab_size=70',
+                        f'--output={tmp_path}/sp.model'])
+
+
+def test_char_vocab_of_tiny_shakespeare_is_65():
+  if not os.path.isdir(TFDS_DIR):
+    pytest.skip(f'no prepared TFDS data dir at {TFDS_DIR}')
+  text = data.load_split(_data_cfg(data_dir=TFDS_DIR), 'train')
+  tok = tokenizer_lib.CharTokenizer.from_text(text)
+  assert tok.vocab_size == 65
+  assert tok.decode(tok.encode(text[:5000])) == text[:5000]
