@@ -51,7 +51,7 @@ class Task:
       self.model_config = model.TransformerConfig.from_config(config.model, vocab)
       self.model = model.Transformer(self.model_config)
       self.unit = 'tok'
-      self.items_per_step = config.train.batch_size * config.model.seq_len
+      self.items_per_step = self.data.tokens_per_batch
     elif config.task == 'classify':
       from lm import cnn, images  # pylint: disable=g-import-not-at-top
       self.data = images.make_image_data(config, pi, pc)
@@ -77,19 +77,26 @@ class Task:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return 3 * cost.get('flops', math.nan) * self.items_per_step / example.shape[0]
 
+  def _text_split(self, split: str) -> str:
+    test = self.config.data.test_split
+    return 'test' if test and split == test else 'eval'
+
   def eval_batches(self, split: str):
     if self.config.task == 'lm':
-      return self.data.eval_batches(self.config.train.eval_batches)
+      return self.data.eval_batches(self.config.train.eval_batches, self._text_split(split))
     return self.data.eval_batches(split)
 
-  def summarize_eval(self, sums: dict, prefix: str) -> dict:
+  def summarize_eval(self, sums: dict, split: str, prefix: str) -> dict:
     count = max(float(sums['count']), 1.0)
     loss = float(sums['loss']) / count
     out = {f'{prefix}/loss': loss, f'{prefix}/accuracy': float(sums['correct']) / count}
     if self.config.task == 'lm':
-      out[f'{prefix}/bits_per_byte'] = loss / math.log(2) / self.data.bytes_per_token()
+      nats_per_bit = math.log(2)
+      text_split = self._text_split(split)
+      out[f'{prefix}/bits_per_byte'] = loss / nats_per_bit / self.data.bytes_per_token(text_split)
       if self.config.data.tokenizer == 'char':
-        out[f'{prefix}/bits_per_char'] = loss / math.log(2) / self.data.chars_per_token()
+        out[f'{prefix}/bits_per_char'] = (
+            loss / nats_per_bit / self.data.chars_per_token(text_split))
     return out
 
 
@@ -107,10 +114,10 @@ def _diff(old: dict, new: dict, prefix: str = '') -> list[str]:
 
 class Trainer:
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self._check_batch()
     self._check_config_drift()
     self.task = Task(config, workdir)
@@ -230,7 +237,7 @@ class Trainer:
       sums = self.eval_step(params, state.model_state, sharding.to_global(batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    out = self.task.summarize_eval(totals, prefix)
+    out = self.task.summarize_eval(totals, split, prefix)
     if 'confusion' in totals and self.is_main:
       self._report_classes(totals['confusion'], prefix, out)
     return out
@@ -261,7 +268,8 @@ class Trainer:
     writer.close()
     return {'step': step, **out}
 
-  def run(self) -> dict:
+  def run(self, stop_after: int | None = None) -> dict:
+    """Trains to train.steps; `stop_after` stops early with a checkpoint, as a preemption would."""
     c = self.config.train
     self._write_workdir()
     state = self.initial_state()
@@ -273,35 +281,34 @@ class Trainer:
     peak = metrics_lib.peak_flops_per_device() * jax.device_count()
     stop = _StopFlag()
     final = {}
-    window = {'loss': [], 't0': None, 'n': 0}
+    window = {'losses': [], 't0': None, 'n': 0}
     pending = None
 
     def record(step, m):
       m = jax.device_get(m)
       if not m['finite']:
         self._on_nonfinite(step, m)
-      window['loss'].append(float(m['loss']))
-      done = step + 1
+      window['losses'].append(float(m['loss']))
       now = time.perf_counter()
-      if window['t0'] is None:  # The first step compiles; time from its end.
-        window['t0'], window['n'], window['loss'] = now, 0, []
+      if window['t0'] is None:  # Time from the end of the first step, which compiles.
+        window['t0'] = now
+      else:
+        window['n'] += 1
+      done = step + 1
+      if done % c.log_every and done != self.steps:
         return
-      window['n'] += 1
-      if done % c.log_every == 0 or done == self.steps:
-        step_s = (now - window['t0']) / max(window['n'], 1)
-        loss = float(np.mean(window['loss'])) if window['loss'] else float(m['loss'])
-        row = {'train/loss': loss, 'train/accuracy': float(m['accuracy']),
-               'train/grad_norm': float(m['grad_norm']), 'train/lr': float(self.lr(step)),
-               'perf/step_time_ms': step_s * 1e3,
-               f'perf/{self.task.unit}s_per_s': self.task.items_per_step / step_s,
-               'perf/mfu': flops / step_s / peak}
-        if self.config.task == 'lm':
-          row['perf/tokens_per_s'] = row.pop('perf/toks_per_s')
-        else:
-          row['perf/images_per_s'] = row.pop('perf/imgs_per_s')
-        writer.write(done, row)
-        progress.update(done, loss, self.task.items_per_step / step_s, step_s)
-        window['t0'], window['n'], window['loss'] = now, 0, []
+      loss = float(np.mean(window['losses']))
+      row = {'train/loss': loss, 'train/accuracy': float(m['accuracy']),
+             'train/grad_norm': float(m['grad_norm']), 'train/lr': float(self.lr(step))}
+      if window['n']:
+        step_s = (now - window['t0']) / window['n']
+        per_s = self.task.items_per_step / step_s
+        unit = 'tokens' if self.task.unit == 'tok' else 'images'
+        row.update({'perf/step_time_ms': step_s * 1e3, f'perf/{unit}_per_s': per_s,
+                    'perf/mfu': flops / step_s / peak})
+        progress.update(done, loss, per_s, step_s)
+      writer.write(done, row)
+      window.update(losses=[], t0=now, n=0)
 
     for step in range(start, self.steps):
       batch = sharding.to_global(self.task.data.train_batch(step), self.mesh)
@@ -312,6 +319,7 @@ class Trainer:
       done = step + 1
       is_last = done == self.steps
       eval_due = is_last or (c.eval_every and done % c.eval_every == 0)
+      stop.requested |= done == stop_after
       ckpt_due = is_last or done % c.checkpoint_every == 0 or stop.requested
       if eval_due or ckpt_due:
         record(*pending)
@@ -326,7 +334,7 @@ class Trainer:
           checkpoint.save(self.ckpt, done, state)
         if stop.requested and not is_last:
           self.ckpt.wait_until_finished()
-          print(f'stopped by signal at step {done}; checkpoint saved in '
+          print(f'stopped at step {done}; checkpoint saved in '
                 f'{self.ckpt.directory}/{done}. Run the same command to continue.', flush=True)
           writer.close()
           return {'stopped_at': done}
