@@ -71,11 +71,25 @@ def _lock_workdir(workdir: str):
   return handle
 
 
+def _config_path(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def run(argv) -> int:
+  path = _config_path(argv)
+  if path and not os.path.isfile(path):
+    _fail(f'config file {path!r} does not exist; pass --config=experiments/<name>.py')
   try:
     FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+  except Exception as e:  # pylint: disable=broad-except
+    # absl and ml_collections report bad overrides with multi-line messages; keep the point.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(lines[0] if lines else type(e).__name__)
   if _CONFIG.value is None:
     _fail('--config is required, e.g. --config=experiments/quickstart.py')
   if not _WORKDIR.value:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import classification
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -107,7 +109,5 @@ def eval_step(params, model_state, batch, *, model: nn.Module, num_classes: int 
       'count': mask.sum(),
   }
   if num_classes:
-    # confusion[true, predicted]
-    sums['confusion'] = jnp.zeros((num_classes, num_classes), jnp.float32).at[
-        targets.reshape(-1), preds.reshape(-1)].add(mask.reshape(-1))
+    sums['confusion'] = classification.confusion_matrix(preds, targets, mask, num_classes)
   return sums

@@ -245,12 +245,14 @@ class Trainer:
   def _report_classes(self, confusion, prefix: str, out: dict):
     from lm import classification  # pylint: disable=g-import-not-at-top
     names = self.task.data.class_names
-    report = classification.per_class_report(confusion, names)
+    report, table = classification.per_class_report(confusion, names)
     out.update({f'{prefix}/{k}': v for k, v in report.items() if k.startswith('macro')})
     classification.save_confusion_png(
         confusion, names, os.path.join(self.workdir, f'confusion_{prefix}.png'))
     with open(os.path.join(self.workdir, f'classes_{prefix}.json'), 'w') as f:
       json.dump({'confusion': np.asarray(confusion).tolist(), **report}, f, indent=1)
+    with open(os.path.join(self.workdir, f'classes_{prefix}.md'), 'w') as f:
+      f.write(table + '\n')
 
   # --- the loop -----------------------------------------------------------------------------
 
@@ -348,6 +350,10 @@ class Trainer:
       final.update(test)
     self.ckpt.wait_until_finished()
     writer.close()
+    if self.is_main and self.config.task == 'classify':
+      from lm import classification  # pylint: disable=g-import-not-at-top
+      classification.save_curves_png(os.path.join(self.workdir, 'metrics.jsonl'),
+                                     os.path.join(self.workdir, 'curves.png'))
     if self.is_main:
       with open(os.path.join(self.workdir, 'DONE'), 'w') as f:
         json.dump({'step': self.steps, **final}, f, indent=1)

@@ -1,0 +1,73 @@
+"""The command line: bad input is one line on stderr, exit code 2, and nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TINY = os.path.join(HERE, 'tiny_config.py')
+
+
+def lm_main(*args, env_extra=None, timeout=300):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, '-m', 'lm.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--config.train.stepz=5'], 'stepz'),
+    (['--config.train.steps=five'], 'steps'),
+    (['--config.mesh.data=3'], '= 3 but there are 2 devices'),
+    (['--config.train.batch_size=7', '--config.mesh.data=2'], 'divisible by the 2 data shards'),
+    (['--config.data.name=no_such_dataset'], 'no_such_dataset'),
+    (['--config.data.eval_split=nope'], 'nope'),
+    (['--config.data.data_dir=/does/not/exist'], '/does/not/exist'),
+    (['--config.data.name=files:/does/not/exist/*.txt'], 'files'),
+    (['--config.model.seq_len=2000000'], 'shorter than one sequence'),
+    (['--config.optim.name=adamww'], 'adamw'),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+  workdir = tmp_path / 'run'
+  result = lm_main(f'--config={TINY}', f'--workdir={workdir}', *args,
+                   env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  assert needle in lines[0]
+  assert not workdir.exists()
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+  result = lm_main('--config=experiments/nope.py', f'--workdir={tmp_path}')
+  assert result.returncode == 2 and 'nope.py' in result.stderr
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--mode=eval')
+  assert result.returncode == 2
+  assert 'no checkpoint' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_train_then_eval_appends_results(tmp_path):
+  assert lm_main(f'--config={TINY}', f'--workdir={tmp_path}').returncode == 0
+  assert (tmp_path / 'DONE').exists() and (tmp_path / 'config.json').exists()
+  before = (tmp_path / 'metrics.jsonl').read_text().count('\n')
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--mode=eval')
+  assert result.returncode == 0, result.stderr
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) == before + 1 and '"eval/loss"' in lines[-1]
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path / "x"}', '--dry_run',
+                   '--config.mesh.fsdp=4', '--config.mesh.tensor=2')
+  assert result.returncode == 0, result.stderr
+  for needle in ('mesh: data=1, fsdp=4, tensor=2', 'parameters:', 'FLOPs per step',
+                 'per device: params', 'predicted step time'):
+    assert needle in result.stdout
+  assert not (tmp_path / 'x').exists()
