@@ -16,8 +16,11 @@ from lm.config import ConfigError
 
 
 def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save killed half-way leaves a temporary directory, which is
+  # never read as a checkpoint and is removed when the next run opens the manager.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True)
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                options=options)
 

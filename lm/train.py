@@ -272,100 +272,186 @@ class Trainer:
 
   def run(self, stop_after: int | None = None) -> dict:
     """Trains to train.steps; `stop_after` stops early with a checkpoint, as a preemption would."""
-    c = self.config.train
     self._write_workdir()
     state = self.initial_state()
-    start = int(jax.device_get(state.step))
     writer = metrics_lib.Writer(self.workdir, self.is_main)
-    progress = metrics_lib.Progress(self.steps, self.task.unit, self.is_main)
     flops = self.task.flops_per_step(
         {'params': state.params, **state.model_state}, jnp.asarray(self.example['inputs']))
-    peak = metrics_lib.peak_flops_per_device() * jax.device_count()
+    log = _StepLog(self, writer, flops)
     stop = _StopFlag()
-    final = {}
-    window = {'losses': [], 't0': None, 'n': 0}
-    pending = None
+    rollbacks = 0
+    while True:
+      try:
+        state, final = self._loop(state, log, stop, stop_after)
+        break
+      except _NonFinite as bad:
+        rollbacks += 1
+        if self.config.train.on_nan != 'rollback' or rollbacks > self.config.train.max_rollbacks:
+          raise Diverged(self._nonfinite_message(bad, rollbacks)) from None
+        state = self._roll_back(bad)
+    writer.close()
+    if 'stopped_at' in final:
+      return final
+    if self.is_main:
+      if self.config.task == 'classify':
+        from lm import classification  # pylint: disable=g-import-not-at-top
+        classification.save_curves_png(os.path.join(self.workdir, 'metrics.jsonl'),
+                                       os.path.join(self.workdir, 'curves.png'))
+      with open(os.path.join(self.workdir, 'DONE'), 'w') as f:
+        json.dump({'step': self.steps, **final}, f, indent=1)
+    return final
 
-    def record(step, m):
-      m = jax.device_get(m)
-      if not m['finite']:
-        self._on_nonfinite(step, m)
-      window['losses'].append(float(m['loss']))
-      now = time.perf_counter()
-      if window['t0'] is None:  # Time from the end of the first step, which compiles.
-        window['t0'] = now
-      else:
-        window['n'] += 1
-      done = step + 1
-      if done % c.log_every and done != self.steps:
-        return
-      loss = float(np.mean(window['losses']))
-      row = {'train/loss': loss, 'train/accuracy': float(m['accuracy']),
-             'train/grad_norm': float(m['grad_norm']), 'train/lr': float(self.lr(step))}
-      if window['n']:
-        step_s = (now - window['t0']) / window['n']
-        per_s = self.task.items_per_step / step_s
-        unit = 'tokens' if self.task.unit == 'tok' else 'images'
-        row.update({'perf/step_time_ms': step_s * 1e3, f'perf/{unit}_per_s': per_s,
-                    'perf/mfu': flops / step_s / peak})
-        progress.update(done, loss, per_s, step_s)
-      writer.write(done, row)
-      window.update(losses=[], t0=now, n=0)
-
+  def _loop(self, state, log: '_StepLog', stop: '_StopFlag', stop_after):
+    c = self.config.train
+    start = int(jax.device_get(state.step))
+    final, pending = {}, None
     for step in range(start, self.steps):
-      batch = sharding.to_global(self.task.data.train_batch(step), self.mesh)
+      batch = sharding.to_global(self.task.data.train_batch(self._batch_index(step)), self.mesh)
       state, m = self.train_step(state, batch)
       if pending is not None:
-        record(*pending)
+        log.record(*pending)
       pending = (step, m)
       done = step + 1
       is_last = done == self.steps
       eval_due = is_last or (c.eval_every and done % c.eval_every == 0)
       stop.requested |= done == stop_after
       ckpt_due = is_last or done % c.checkpoint_every == 0 or stop.requested
-      if eval_due or ckpt_due:
-        record(*pending)
-        pending = None
-        if eval_due:
-          final = self.evaluate(state, self.config.data.eval_split)
-          writer.write(done, final)
-          print(f'step {done}: ' + '  '.join(f'{k} {v:.4f}' for k, v in final.items()),
-                flush=True)
-          window['t0'] = time.perf_counter()  # Eval time is not step time.
-        if ckpt_due:
-          checkpoint.save(self.ckpt, done, state)
-        if stop.requested and not is_last:
-          self.ckpt.wait_until_finished()
-          print(f'stopped at step {done}; checkpoint saved in '
-                f'{self.ckpt.directory}/{done}. Run the same command to continue.', flush=True)
-          writer.close()
-          return {'stopped_at': done}
-    if pending is not None:
-      record(*pending)
+      if not (eval_due or ckpt_due):
+        continue
+      log.record(*pending)  # Before saving: a checkpoint never follows an unchecked step.
+      pending = None
+      if eval_due:
+        final = self.evaluate(state, self.config.data.eval_split)
+        log.write_eval(done, final)
+      if ckpt_due:
+        self._save(done, state)
+      if stop.requested and not is_last:
+        self._wait_for_saves()
+        print(f'stopped at step {done}; checkpoint saved in {self.ckpt.directory}/{done}. '
+              'Run the same command to continue.', flush=True)
+        return state, {'stopped_at': done}
     if start >= self.steps:
       final = self.evaluate(state, self.config.data.eval_split)
     if self.config.data.test_split:
       test = self.evaluate(state, self.config.data.test_split, prefix='test')
-      writer.write(self.steps, test)
+      log.write_eval(self.steps, test)
       final.update(test)
-    self.ckpt.wait_until_finished()
-    writer.close()
-    if self.is_main and self.config.task == 'classify':
-      from lm import classification  # pylint: disable=g-import-not-at-top
-      classification.save_curves_png(os.path.join(self.workdir, 'metrics.jsonl'),
-                                     os.path.join(self.workdir, 'curves.png'))
-    if self.is_main:
-      with open(os.path.join(self.workdir, 'DONE'), 'w') as f:
-        json.dump({'step': self.steps, **final}, f, indent=1)
-    return final
+    self._wait_for_saves()
+    return state, final
 
-  def _on_nonfinite(self, step: int, m: dict):
+  # --- faults -------------------------------------------------------------------------------
+
+  def _skipped_path(self) -> str:
+    return os.path.join(self.workdir, 'skipped_steps.json')
+
+  def _skipped(self) -> list[int]:
+    if not hasattr(self, '_skipped_steps'):
+      path = self._skipped_path()
+      self._skipped_steps = json.load(open(path)) if os.path.exists(path) else []
+    return self._skipped_steps
+
+  def _batch_index(self, step: int) -> int:
+    """A skipped step trains on a spare batch from past the end of the run instead."""
+    skipped = self._skipped()
+    return self.steps + skipped.index(step) if step in skipped else step
+
+  def _roll_back(self, bad: '_NonFinite'):
+    self._skipped().append(bad.step)
+    if self.is_main:
+      _write_atomic(self._skipped_path(), json.dumps(self._skipped()))
+    self._wait_for_saves()
     last = self.ckpt.latest_step()
-    raise Diverged(
-        f'loss or gradient is not finite at step {step} (loss={float(m["loss"])}, '
-        f'grad_norm={float(m["grad_norm"])}); the update was skipped and the last good '
-        f'checkpoint is step {last} in {self.ckpt.directory}. Lower optim.lr or raise '
-        'optim.warmup_steps, or set train.on_nan=rollback')
+    print(f'non-finite loss at step {bad.step}: rolling back to checkpoint {last} and '
+          f'skipping that batch (steps skipped so far: {self._skipped()})', flush=True)
+    if last is None:
+      return jax.jit(self._init, out_shardings=self.state_shardings)(
+          jax.random.key(self.config.seed))
+    return checkpoint.restore(self.ckpt, last, self.abstract_state)
+
+  def _nonfinite_message(self, bad: '_NonFinite', rollbacks: int) -> str:
+    why = (f'after {rollbacks - 1} rollbacks (train.max_rollbacks)' if rollbacks > 1 else
+           'and train.on_nan=stop')
+    return (f'loss or gradient is not finite at step {bad.step} (loss={bad.loss}, '
+            f'grad_norm={bad.grad_norm}) {why}; the update was skipped and the last good '
+            f'checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}. Lower '
+            'optim.lr or raise optim.warmup_steps, or set train.on_nan=rollback')
+
+  def _save(self, step: int, state):
+    try:
+      checkpoint.save(self.ckpt, step, state)
+    except OSError as e:
+      self._save_failed(step, e)
+
+  def _wait_for_saves(self):
+    try:
+      self.ckpt.wait_until_finished()
+    except OSError as e:
+      self._save_failed(None, e)
+
+  def _save_failed(self, step, error: OSError):
+    steps = [s for s in self.ckpt.all_steps() if s != step]
+    raise ConfigError(
+        f'saving checkpoint {step if step is not None else ""} failed ({error.strerror or error}); '
+        f'the previous checkpoints {steps} in {self.ckpt.directory} are kept. Free space '
+        'and run the same command to resume') from error
+
+
+class _NonFinite(Exception):
+
+  def __init__(self, step: int, m: dict):
+    super().__init__(step)
+    self.step, self.loss, self.grad_norm = step, float(m['loss']), float(m['grad_norm'])
+
+
+class _StepLog:
+  """Reads each step's metrics one step late and writes a row every `log_every` steps."""
+
+  def __init__(self, trainer: Trainer, writer: metrics_lib.Writer, flops: float):
+    self.trainer, self.writer, self.flops = trainer, writer, flops
+    self.peak = metrics_lib.peak_flops_per_device() * jax.device_count()
+    self.progress = metrics_lib.Progress(trainer.steps, trainer.task.unit, trainer.is_main)
+    self.losses, self.t0, self.n = [], None, 0
+
+  def record(self, step: int, m) -> None:
+    m = jax.device_get(m)
+    if not m['finite']:
+      self.t0 = None
+      raise _NonFinite(step, m)
+    self.losses.append(float(m['loss']))
+    now = time.perf_counter()
+    if self.t0 is None:  # Time from the end of the first step, which compiles.
+      self.t0 = now
+    else:
+      self.n += 1
+    done, t = step + 1, self.trainer
+    if done % t.config.train.log_every and done != t.steps:
+      return
+    loss = float(np.mean(self.losses))
+    row = {'train/loss': loss, 'train/accuracy': float(m['accuracy']),
+           'train/grad_norm': float(m['grad_norm']), 'train/lr': float(t.lr(step))}
+    if self.n:
+      step_s = (now - self.t0) / self.n
+      per_s = t.task.items_per_step / step_s
+      unit = 'tokens' if t.task.unit == 'tok' else 'images'
+      row.update({'perf/step_time_ms': step_s * 1e3, f'perf/{unit}_per_s': per_s,
+                  'perf/mfu': self.flops / step_s / self.peak})
+      self.progress.update(done, loss, per_s, step_s)
+    self.writer.write(done, row)
+    self.losses, self.t0, self.n = [], now, 0
+
+  def write_eval(self, step: int, results: dict) -> None:
+    self.writer.write(step, results)
+    if self.trainer.is_main:
+      print(f'step {step}: ' + '  '.join(f'{k} {v:.4f}' for k, v in results.items()),
+            flush=True)
+    self.t0 = time.perf_counter()  # Eval time is not step time.
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 class _StopFlag:
