@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.0       # classify: hold out this fraction of train for validation.
   c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
+  c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.

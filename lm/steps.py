@@ -80,7 +80,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
         (jnp.arange(grad_accum_steps), micro))
     grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, (grads, loss, accuracy))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params

@@ -54,7 +54,8 @@ class Task:
       self.items_per_step = self.data.tokens_per_batch
     elif config.task == 'classify':
       from lm import cnn, images  # pylint: disable=g-import-not-at-top
-      self.data = images.make_image_data(config, pi, pc)
+      self.data = images.make_image_data(config, pi, pc,
+                                           max_examples=config.data.max_examples)
       self.model = cnn.build(config.model)
       self.unit = 'img'
       self.items_per_step = config.train.batch_size
@@ -280,16 +281,20 @@ class Trainer:
     log = _StepLog(self, writer, flops)
     stop = _StopFlag()
     rollbacks = 0
-    while True:
-      try:
-        state, final = self._loop(state, log, stop, stop_after)
-        break
-      except _NonFinite as bad:
-        rollbacks += 1
-        if self.config.train.on_nan != 'rollback' or rollbacks > self.config.train.max_rollbacks:
-          raise Diverged(self._nonfinite_message(bad, rollbacks)) from None
-        state = self._roll_back(bad)
-    writer.close()
+    try:
+      while True:
+        try:
+          state, final = self._loop(state, log, stop, stop_after)
+          break
+        except _NonFinite as bad:
+          rollbacks += 1
+          if (self.config.train.on_nan != 'rollback' or
+              rollbacks > self.config.train.max_rollbacks):
+            raise Diverged(self._nonfinite_message(bad, rollbacks)) from None
+          state = self._roll_back(bad)
+    finally:
+      writer.close()
+      self._wait_for_saves()  # Whatever happened, saves in flight finish before we leave.
     if 'stopped_at' in final:
       return final
     if self.is_main:
@@ -379,21 +384,23 @@ class Trainer:
   def _save(self, step: int, state):
     try:
       checkpoint.save(self.ckpt, step, state)
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports ENOSPC as ValueError.
       self._save_failed(step, e)
 
   def _wait_for_saves(self):
     try:
       self.ckpt.wait_until_finished()
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:
       self._save_failed(None, e)
 
-  def _save_failed(self, step, error: OSError):
+  def _save_failed(self, step, error: Exception):
     steps = [s for s in self.ckpt.all_steps() if s != step]
+    reason = 'No space left on device' if 'No space left' in str(error) else (
+        str(error).splitlines()[0][:160])
     raise ConfigError(
-        f'saving checkpoint {step if step is not None else ""} failed ({error.strerror or error}); '
-        f'the previous checkpoints {steps} in {self.ckpt.directory} are kept. Free space '
-        'and run the same command to resume') from error
+        f'saving a checkpoint failed ({reason}); the complete checkpoints {steps} in '
+        f'{self.ckpt.directory} are kept. Free space and run the same command to resume'
+    ) from error
 
 
 class _NonFinite(Exception):
