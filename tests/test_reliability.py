@@ -1,5 +1,6 @@
 """Injected faults: divergence, a full disk, concurrent runs, config drift, resharding."""
 
+import glob
 import json
 import os
 import subprocess
@@ -136,3 +137,13 @@ def test_config_drift_lists_the_fields(tmp_path):
   with_ignore = tiny_cnn(**{'train.steps': 6, 'optim.lr': 0.5})
   with_ignore.resume_mismatch = 'ignore'
   train.Trainer(with_ignore, str(tmp_path)).run()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+  train.Trainer(tiny_cnn(**{'train.steps': 5}), str(tmp_path)).run()
+  for path in glob.glob(str(tmp_path / 'checkpoints' / '5' / '**' / '*'), recursive=True):
+    if os.path.isfile(path) and '/d/' in path:  # The array data files.
+      with open(path, 'r+b') as f:
+        f.write(b'garbage' * 100)
+  with pytest.raises(ConfigError, match=r'checkpoint .*5 cannot be restored.*move it away'):
+    train.Trainer(tiny_cnn(**{'train.steps': 5}), str(tmp_path)).initial_state()
