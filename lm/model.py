@@ -1,0 +1,328 @@
+"""Decoder-only Transformer (GPT-2 style, pre-norm) in flax.linen.
+
+Shape key:
+  B: batch        L: query length      S: key/value length (the cache length when decoding)
+  D: d_model      H: heads             Q: head dim (D / H)
+  F: MLP width    V: vocab size        T: 3 (query, key, value) or 2 (SwiGLU gate and value)
+
+Every parameter carries logical axis names (mapped to mesh axes by lm/sharding.py) and float32
+storage; activations are computed in `config.dtype`.
+
+Performance notes (XLA:CPU; each choice is cheap or neutral on GPU/TPU):
+  * Attention runs with heads as a major axis ([B, H, L, Q]), so its batched matmuls need no
+    layout transposes; XLA:CPU transposes around `BTNH` einsums cost more than the matmuls.
+  * q, k and v come from one fused [D, 3*H*Q] matmul (wider matmuls run nearer peak on CPU).
+On GPU with a 16-bit dtype the attention goes through cuDNN's fused kernel instead.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.config import ConfigError
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Model hyperparameters; build with `from_config`, vary with `dataclasses.replace`."""
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  d_model: int
+  mlp_dim: int
+  seq_len: int
+  pos: str = 'learned'  # 'learned' or 'rope'.
+  norm: str = 'layernorm'  # 'layernorm' or 'rmsnorm'; pre-norm either way.
+  mlp: str = 'gelu'  # 'gelu' or 'swiglu'.
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  dtype: Any = jnp.float32  # Compute dtype; params are always float32.
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> 'TransformerConfig':
+    """Builds the config from `config.model`, raising ConfigError on bad values."""
+    m = model_cfg
+    if m.vocab_size:
+      vocab_size = m.vocab_size
+    for field in ('num_layers', 'num_heads', 'd_model', 'seq_len'):
+      if getattr(m, field) <= 0:
+        raise ConfigError(f'model.{field}={getattr(m, field)} must be positive')
+    if vocab_size <= 0:
+      raise ConfigError(f'vocab_size={vocab_size} must be positive')
+    if m.d_model % m.num_heads:
+      raise ConfigError(f'model.d_model={m.d_model} is not divisible by '
+                        f'model.num_heads={m.num_heads}; pick sizes that divide')
+    if m.pos == 'rope' and (m.d_model // m.num_heads) % 2:
+      raise ConfigError(f'model.pos=rope needs an even head dim, got '
+                        f'{m.d_model}/{m.num_heads}={m.d_model // m.num_heads}')
+    if m.mlp_dim < 0:
+      raise ConfigError(f'model.mlp_dim={m.mlp_dim} must be >= 0 (0 means 4 * d_model)')
+    _check_choice('pos', m.pos, ('learned', 'rope'))
+    _check_choice('norm', m.norm, ('layernorm', 'rmsnorm'))
+    _check_choice('mlp', m.mlp, ('gelu', 'swiglu'))
+    _check_choice('dtype', m.dtype, tuple(_DTYPES))
+    if not 0.0 <= m.dropout < 1.0:
+      raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')
+    return cls(
+        vocab_size=vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        d_model=m.d_model, mlp_dim=m.mlp_dim or 4 * m.d_model, seq_len=m.seq_len,
+        pos=m.pos, norm=m.norm, mlp=m.mlp, use_bias=m.use_bias,
+        tie_embeddings=m.tie_embeddings, dropout=m.dropout, dtype=_DTYPES[m.dtype],
+        remat=m.remat)
+
+
+def _check_choice(field, value, choices):
+  if value not in choices:
+    raise ConfigError(f'model.{field}={value!r} is not one of {", ".join(choices)}')
+
+
+def flops_per_token(cfg: TransformerConfig) -> float:
+  """Training FLOPs per token, as in PaLM appendix B: 6 * N + 12 * L * H * Q * T.
+
+  N counts every matmul weight: the attention and MLP kernels of all layers and the output
+  projection (the shared table when tied, counted once). Position embeddings, norms and biases
+  are left out: they cost no matmul. 12 * L * H * Q * T is the attention's score and value
+  matmuls over the full (unmasked) context T = seq_len, forward and backward.
+  """
+  d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+  mlp_in = 2 * d * f if cfg.mlp == 'swiglu' else d * f
+  per_layer = 4 * d * d + mlp_in + f * d
+  n = layers * per_layer + d * cfg.vocab_size
+  return 6.0 * n + 12.0 * layers * cfg.num_heads * cfg.head_dim * cfg.seq_len
+
+
+def _param(module, name, init, shape, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+_RESIDUAL = ('act_batch', 'act_len', 'act_embed')
+_HEADS = ('act_batch', 'act_heads', 'act_len', None)
+_MLP = ('act_batch', 'act_len', 'act_mlp')
+_normal = nn.initializers.normal
+
+
+class Norm(nn.Module):
+  """Pre-norm LayerNorm or RMSNorm; statistics in float32 whatever the compute dtype."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    x = x_BxLxD.astype(jnp.float32)
+    if cfg.norm == 'layernorm':
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5)
+    y = y * _param(self, 'scale', nn.initializers.ones, (cfg.d_model,), ('norm',))
+    if cfg.use_bias:
+      y = y + _param(self, 'bias', nn.initializers.zeros, (cfg.d_model,), ('norm',))
+    return y.astype(cfg.dtype)
+
+
+def _rope(x_BxHxLxQ, positions_L):
+  """Rotates each (first half, second half) pair of head features by position."""
+  half = x_BxHxLxQ.shape[-1] // 2
+  freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_LxQ2 = positions_L.astype(jnp.float32)[:, None] * freq[None, :]
+  sin, cos = jnp.sin(angle_LxQ2), jnp.cos(angle_LxQ2)
+  x1, x2 = jnp.split(x_BxHxLxQ.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxHxLxQ.dtype)
+
+
+def _use_cudnn(dtype) -> bool:
+  # cuDNN's fused attention takes only 16-bit inputs; elsewhere the einsum path below is best.
+  return jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
+
+
+def _attend(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, mask_LxS, dtype):
+  """Softmax attention on heads-major arrays; a plain einsum formulation."""
+  if mask_LxS is None and _use_cudnn(dtype):
+    to_blhq = lambda t: t.transpose(0, 2, 1, 3)
+    out_BxLxHxQ = jax.nn.dot_product_attention(
+        to_blhq(q_BxHxLxQ), to_blhq(k_BxHxSxQ), to_blhq(v_BxHxSxQ), is_causal=True,
+        implementation='cudnn')
+    return out_BxLxHxQ.transpose(0, 2, 1, 3)
+  if mask_LxS is None:
+    length = q_BxHxLxQ.shape[2]
+    mask_LxS = jnp.tril(jnp.ones((length, length), bool))
+  scale = 1.0 / math.sqrt(q_BxHxLxQ.shape[-1])
+  logits_BxHxLxS = jnp.einsum('bhlq,bhsq->bhls', q_BxHxLxQ * scale, k_BxHxSxQ,
+                              preferred_element_type=jnp.float32)
+  logits_BxHxLxS = jnp.where(mask_LxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(dtype)
+  return jnp.einsum('bhls,bhsq->bhlq', probs_BxHxLxS, v_BxHxSxQ)
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with an optional KV cache."""
+  config: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_L):
+    cfg = self.config
+    d, h, q = cfg.d_model, cfg.num_heads, cfg.head_dim
+    w_Dx3xHxQ = _param(self, 'qkv', _normal(0.02), (d, 3, h, q), ('embed', None, 'heads', 'kv'))
+    # One matmul for q, k and v, written straight into the heads-major layout attention wants.
+    qkv = jnp.einsum('bld,dthq->tbhlq', x_BxLxD, w_Dx3xHxQ.astype(cfg.dtype))
+    if cfg.use_bias:
+      b_3xHxQ = _param(self, 'qkv_bias', nn.initializers.zeros, (3, h, q), (None, 'heads', 'kv'))
+      qkv = qkv + b_3xHxQ.astype(cfg.dtype)[:, None, :, None, :]
+    q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ = (_constrain(t, _HEADS) for t in qkv)
+    if cfg.pos == 'rope':
+      q_BxHxLxQ = _rope(q_BxHxLxQ, positions_L)
+      k_BxHxLxQ = _rope(k_BxHxLxQ, positions_L)
+
+    mask_LxS = None
+    if self.decode:
+      k_BxHxLxQ, v_BxHxLxQ, mask_LxS = self._update_cache(k_BxHxLxQ, v_BxHxLxQ)
+    out_BxHxLxQ = _attend(q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ, mask_LxS, cfg.dtype)
+
+    init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
+    wo_HxQxD = _param(self, 'out', init_out, (h, q, d), ('heads', 'kv', 'embed'))
+    y_BxLxD = jnp.einsum('bhlq,hqd->bld', out_BxHxLxQ, wo_HxQxD.astype(cfg.dtype))
+    if cfg.use_bias:
+      y_BxLxD = y_BxLxD + _param(self, 'out_bias', nn.initializers.zeros, (d,),
+                                 ('embed',)).astype(cfg.dtype)
+    return y_BxLxD
+
+  def _update_cache(self, k_BxHxLxQ, v_BxHxLxQ):
+    """Writes this call's keys/values at the cache index; returns the whole cache and mask.
+
+    The first call (from `init`) only creates the cache, sized by its input length.
+    """
+    is_initialized = self.has_variable('cache', 'cached_key')
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k_BxHxLxQ.shape, k_BxHxLxQ.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v_BxHxLxQ.shape,
+                             v_BxHxLxQ.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    if not is_initialized:
+      return k_BxHxLxQ, v_BxHxLxQ, None
+    length, max_len = k_BxHxLxQ.shape[2], cached_k.value.shape[2]
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxHxLxQ, (0, 0, i, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxHxLxQ, (0, 0, i, 0))
+    index.value = i + length
+    # Query t sits at position i + t and sees every cached position up to its own.
+    mask_LxS = jnp.arange(max_len)[None, :] <= (i + jnp.arange(length))[:, None]
+    return cached_k.value, cached_v.value, mask_LxS
+
+
+class Mlp(nn.Module):
+  """GELU or SwiGLU feed-forward block."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    d, f = cfg.d_model, cfg.mlp_dim
+    if cfg.mlp == 'swiglu':
+      # Gate and value kernels fused into one wider matmul.
+      wi_DxTxF = _param(self, 'wi', _normal(0.02), (d, 2, f), ('embed', None, 'mlp'))
+      gate_BxLxF, value_BxLxF = jnp.einsum('bld,dtf->tblf', x_BxLxD, wi_DxTxF.astype(cfg.dtype))
+      if cfg.use_bias:
+        b_2xF = _param(self, 'wi_bias', nn.initializers.zeros, (2, f), (None, 'mlp'))
+        gate_BxLxF = gate_BxLxF + b_2xF[0].astype(cfg.dtype)
+        value_BxLxF = value_BxLxF + b_2xF[1].astype(cfg.dtype)
+      h_BxLxF = nn.silu(gate_BxLxF) * value_BxLxF
+    else:
+      wi_DxF = _param(self, 'wi', _normal(0.02), (d, f), ('embed', 'mlp'))
+      h_BxLxF = jnp.dot(x_BxLxD, wi_DxF.astype(cfg.dtype))
+      if cfg.use_bias:
+        h_BxLxF = h_BxLxF + _param(self, 'wi_bias', nn.initializers.zeros, (f,),
+                                   ('mlp',)).astype(cfg.dtype)
+      h_BxLxF = nn.gelu(h_BxLxF)
+    h_BxLxF = _constrain(h_BxLxF, _MLP)
+    init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
+    wo_FxD = _param(self, 'wo', init_out, (f, d), ('mlp', 'embed'))
+    y_BxLxD = jnp.dot(h_BxLxF, wo_FxD.astype(cfg.dtype))
+    if cfg.use_bias:
+      y_BxLxD = y_BxLxD + _param(self, 'wo_bias', nn.initializers.zeros, (d,),
+                                 ('embed',)).astype(cfg.dtype)
+    return y_BxLxD
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: TransformerConfig
+  train: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_L):
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+    h = Attention(cfg, decode=self.decode, name='attn')(Norm(cfg, name='norm_attn')(x_BxLxD),
+                                                        positions_L)
+    x_BxLxD = _constrain(x_BxLxD + drop(h), _RESIDUAL)
+    h = Mlp(cfg, name='mlp')(Norm(cfg, name='norm_mlp')(x_BxLxD))
+    return _constrain(x_BxLxD + drop(h), _RESIDUAL)
+
+
+class Transformer(nn.Module):
+  """Token ids [B, L] -> next-token logits [B, L, V] in float32."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, *, train: bool = False, decode: bool = False):
+    cfg = self.config
+    d, v = cfg.d_model, cfg.vocab_size
+    length = tokens_BxL.shape[1]
+    embedding_VxD = _param(self, 'embedding', _normal(0.02), (v, d), ('vocab', 'embed'))
+    positions_L = self._positions(length, decode)
+    x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
+    if cfg.pos == 'learned':
+      pos_SxD = _param(self, 'pos_embedding', _normal(0.02), (cfg.seq_len, d), (None, 'embed'))
+      x_BxLxD = x_BxLxD + jnp.take(pos_SxD, positions_L, axis=0).astype(cfg.dtype)
+    x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
+    x_BxLxD = _constrain(x_BxLxD, _RESIDUAL)
+
+    block = nn.remat(Block) if cfg.remat else Block
+    for i in range(cfg.num_layers):
+      x_BxLxD = block(cfg, train=train, decode=decode, name=f'block_{i}')(x_BxLxD, positions_L)
+    x_BxLxD = Norm(cfg, name='norm_final')(x_BxLxD)
+
+    if cfg.tie_embeddings:
+      head_DxV = embedding_VxD.T
+    else:
+      head_DxV = _param(self, 'head', _normal(0.02), (d, v), ('embed', 'vocab'))
+    logits_BxLxV = jnp.dot(x_BxLxD, head_DxV.astype(cfg.dtype),
+                           preferred_element_type=jnp.float32)
+    if cfg.use_bias:
+      logits_BxLxV = logits_BxLxV + _param(self, 'head_bias', nn.initializers.zeros, (v,),
+                                           ('vocab',))
+    return _constrain(logits_BxLxV, ('act_batch', 'act_len', 'act_vocab'))
+
+  def _positions(self, length, decode):
+    """Absolute positions of this call's tokens: the cache index onwards when decoding."""
+    start = 0
+    if decode:
+      is_initialized = self.has_variable('cache', 'position')
+      position = self.variable('cache', 'position', lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        start = position.value
+        position.value = start + length
+    return start + jnp.arange(length)
+
+
+def init_cache(model: Transformer, batch_size: int, max_len: int):
+  """An empty KV cache for `max_len` positions, without computing any parameters."""
+  tokens = jnp.ones((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
