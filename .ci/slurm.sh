@@ -15,7 +15,48 @@ die() { echo "error: .ci/slurm.sh: $*" >&2; exit 1; }
 
 node_state() { sinfo -h -N -o '%t' 2>/dev/null | head -n1 || true; }
 
-if command -v sinfo >/dev/null && [[ "$(node_state)" == idle* ]]; then
+# `slurmd -C` prints this host's node line (name, CPUs, sockets, cores, memory) as
+# slurmd itself will detect it, so the config can never disagree with the hardware.
+render_conf() {
+  local node_line host
+  node_line=$(slurmd -C | head -n1)
+  [[ $node_line == NodeName=* ]] || die "slurmd -C printed no NodeName line: $node_line"
+  host=$(hostname -s)
+  cat <<EOF
+# Written by .ci/slurm.sh: a one-node cluster for tests.
+ClusterName=ci
+SlurmctldHost=$host
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation=$STATE_DIR
+SlurmdSpoolDir=$SPOOL_DIR
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+# No cgroups: containers often lack a writable cgroup tree.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+# Finished jobs stay visible to scontrol long enough for launch.slurm --wait to read them.
+MinJobAge=600
+# A requeued job waits this long before it starts again (default 120 s); tests requeue.
+AuthInfo=cred_expire=10
+SlurmdTimeout=60
+$node_line State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+# Fast path: the cluster is up with exactly the config this script would write.
+if command -v sinfo >/dev/null && command -v slurmd >/dev/null && [[ "$(node_state)" == idle* ]] \
+    && [[ "$(render_conf)" == "$(cat "$CONF_DIR/slurm.conf" 2>/dev/null)" ]]; then
   echo "slurm: already up ($(sinfo -h -N -o '%N %t %c CPUs'))"
   exit 0
 fi
@@ -47,41 +88,9 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   munge -n | unmunge >/dev/null || die "munge round trip fails after starting munged"
 fi
 
-# `slurmd -C` prints this host's node line (name, CPUs, sockets, cores, memory) as
-# slurmd itself will detect it, so the config can never disagree with the hardware.
-node_line=$(slurmd -C | head -n1)
-[[ $node_line == NodeName=* ]] || die "slurmd -C printed no NodeName line: $node_line"
-host=$(hostname -s)
 mkdir -p "$CONF_DIR" "$LOG_DIR" "$STATE_DIR" "$SPOOL_DIR"
-conf=$(cat <<EOF
-# Written by .ci/slurm.sh: a one-node cluster for tests.
-ClusterName=ci
-SlurmctldHost=$host
-SlurmUser=root
-AuthType=auth/munge
-StateSaveLocation=$STATE_DIR
-SlurmdSpoolDir=$SPOOL_DIR
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
-# No cgroups: containers often lack a writable cgroup tree.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-# Finished jobs stay visible to scontrol long enough for launch.slurm --wait to read them.
-MinJobAge=600
-SlurmdTimeout=60
-$node_line State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-EOF
-)
+conf=$(render_conf)
+host=$(hostname -s)
 if [[ ! -f $CONF_DIR/slurm.conf ]] || [[ "$(cat "$CONF_DIR/slurm.conf")" != "$conf" ]]; then
   echo "$conf" > "$CONF_DIR/slurm.conf"
   conf_changed=1
@@ -89,11 +98,19 @@ else
   conf_changed=0
 fi
 
+# Some settings (cred_expire among them) are read only at start, so a changed config means
+# stopping both daemons rather than `scontrol reconfigure`.
+if [[ $conf_changed -eq 1 ]] && scontrol ping 2>/dev/null | grep -q 'is UP'; then
+  echo "slurm: config changed; restarting the daemons"
+  scontrol shutdown || die "scontrol shutdown failed"
+  for _ in $(seq 60); do
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+    sleep 0.5
+  done
+fi
 if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
   echo "slurm: starting slurmctld"
   slurmctld || die "slurmctld did not start (see $LOG_DIR/slurmctld.log)"
-elif [[ $conf_changed -eq 1 ]]; then
-  scontrol reconfigure || die "scontrol reconfigure failed"
 fi
 for _ in $(seq 40); do scontrol ping 2>/dev/null | grep -q 'is UP' && break; sleep 0.25; done
 scontrol ping | grep -q 'is UP' || die "slurmctld is not answering (see $LOG_DIR/slurmctld.log)"

@@ -1,0 +1,129 @@
+"""Child processes for the local launchers: prefixed output, signal forwarding, fail-fast.
+
+Each child gets its own process group, so a Ctrl-C in the terminal reaches it once (through
+the launcher's forwarding) rather than twice; the trainer reads a second signal as "stop now".
+Children also receive SIGTERM if the launcher dies, so none outlives it and holds a workdir.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1
+_print_lock = threading.Lock()
+
+
+def _die_with_parent():
+  """preexec_fn: the kernel sends SIGTERM to this child when the launcher exits (Linux)."""
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+  except (OSError, AttributeError):  # Not Linux: children may outlive a killed launcher.
+    pass
+
+
+class Child:
+  """One subprocess whose merged stdout/stderr goes line by line to `sink`."""
+
+  def __init__(self, cmd: list[str], env: dict, prefix: str = '', log_path: str = '',
+               echo: bool = True):
+    self.cmd, self.prefix = cmd, prefix
+    self._log = open(log_path, 'a', buffering=1) if log_path else None
+    self._echo = echo
+    self.proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=_die_with_parent, text=True, errors='replace')
+    self._reader = threading.Thread(target=self._pump, daemon=True)
+    self._reader.start()
+
+  def _pump(self):
+    for line in self.proc.stdout:
+      if self._log:
+        self._log.write(line)
+      if self._echo:
+        with _print_lock:
+          sys.stdout.write(self.prefix + line)
+          sys.stdout.flush()
+    self.proc.stdout.close()
+
+  def poll(self):
+    return self.proc.poll()
+
+  def signal(self, signum: int):
+    """Signals the child's whole process group (the trainer and anything it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+      os.killpg(self.proc.pid, signum)
+
+  def finish(self) -> int:
+    """Waits for exit and for the last line of output; returns the exit code."""
+    code = self.proc.wait()
+    self._reader.join()
+    if self._log:
+      self._log.close()
+    return code
+
+
+def stop(children: list[Child], grace_s: float = 30.0):
+  """SIGTERM (the trainer saves a checkpoint), then SIGKILL whatever is left after grace_s."""
+  live = [c for c in children if c.poll() is None]
+  for c in live:
+    c.signal(signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
+  while time.monotonic() < deadline and any(c.poll() is None for c in live):
+    time.sleep(0.1)
+  for c in live:
+    if c.poll() is None:
+      c.signal(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def forward_signals(children_fn):
+  """While active, SIGINT/SIGTERM to the launcher go to every live child, once each."""
+  received = []
+
+  def handler(signum, frame):
+    del frame
+    received.append(signum)
+    for c in children_fn():
+      if c.poll() is None:
+        c.signal(signum)
+
+  old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield received
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
+def run_group(cmds: list[list[str]], envs: list[dict], prefixes: list[str],
+              grace_s: float = 30.0) -> int:
+  """Runs the commands together; the first non-zero exit stops the rest and is returned."""
+  children = []
+  with forward_signals(lambda: children):
+    for cmd, env, prefix in zip(cmds, envs, prefixes):
+      children.append(Child(cmd, env, prefix))
+    while True:
+      codes = [c.poll() for c in children]
+      failed = next((c for c, code in zip(children, codes) if code not in (None, 0)), None)
+      if failed is not None or all(code == 0 for code in codes):
+        break
+      time.sleep(0.05)
+    if failed is not None:
+      # One process alone cannot finish a collective step; the rest would hang, so stop them.
+      with _print_lock:
+        print(f'{failed.prefix}exited with code {failed.poll()}; stopping the other processes',
+              file=sys.stderr, flush=True)
+      stop(children, grace_s)
+    for c in children:
+      c.finish()
+  return _exit_code(failed.poll()) if failed is not None else 0
+
+
+def _exit_code(code: int) -> int:
+  """A child killed by signal N reports -N; shells report that as 128 + N."""
+  return 128 - code if code < 0 else code
