@@ -130,7 +130,7 @@ def render(args, command: list[str], log_path: str, workdir: str = '', array: st
            workdirs: tuple[str, ...] = ()) -> str:
   """The sbatch script. With `array`, task i runs in `workdirs[i]`."""
   lines = ['#!/bin/bash', *sbatch_lines(args, log_path, array),
-           f'# Written by launch.slurm. Run `sbatch <this file>` again to continue the run.', '',
+           '# Written by launch.slurm. Run `sbatch <this file>` again to continue the run.', '',
            'export PYTHONUNBUFFERED=1']
   lines += [f'export {k}={shlex.quote(v)}' for k, v in (kv.split('=', 1) for kv in args.env)]
   if array:
