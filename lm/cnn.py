@@ -1,0 +1,266 @@
+"""Image classifiers for CIFAR-sized inputs, built from `config.model` by `build`.
+
+Every model is called as `model.apply(variables, x_BxHxWxC, train=...)` and returns float32
+logits [B, K]. `dtype` is the compute dtype; parameters stay float32. BatchNorm models keep
+their running statistics in the 'batch_stats' collection; under `jax.jit` with the batch
+sharded over the mesh, the batch mean inside BatchNorm is already a global (sync-BN) mean.
+
+Shape key: B batch, H height, W width, C channels, K classes.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lm.config import ConfigError
+
+_BN_MOMENTUM = 0.9  # Flax's convention: running = 0.9 * running + 0.1 * batch.
+_BN_EPSILON = 1e-5
+# Kaiming-normal (He et al. 2015) with fan-out, as torchvision's ResNets initialise convs.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+_DENSE_INIT = nn.initializers.lecun_normal()
+_DTYPES = ('float32', 'bfloat16')
+
+
+def _conv(features: int, kernel: int = 3, strides: int = 1, padding: Any = None,
+          use_bias: bool = False, dtype: Any = jnp.float32) -> nn.Conv:
+  # Explicit symmetric padding (k // 2 per side) as in the papers' code; Flax's 'SAME' pads
+  # stride-2 convs on one side only.
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=kernel // 2 if padding is None else padding, use_bias=use_bias,
+                 dtype=dtype,
+                 kernel_init=nn.with_logical_partitioning(
+                     _CONV_INIT, (None, None, 'conv_in', 'conv_out')))
+
+
+def _dense(features: int, out_axis: str | None = None, use_bias: bool = True,
+           dtype: Any = jnp.float32) -> nn.Dense:
+  # The class axis stays replicated: 10 or 100 classes rarely divide a mesh axis.
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  kernel_init=nn.with_logical_partitioning(_DENSE_INIT, ('embed', out_axis)))
+
+
+def _batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
+                      epsilon=_BN_EPSILON, dtype=dtype)
+
+
+def _global_avg_pool(x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+  return x_BxHxWxC.mean(axis=(1, 2))
+
+
+class SimpleCNN(nn.Module):
+  """The TensorFlow CNN tutorial's net: 3 VALID 3x3 convs, 2 max pools, 2 dense layers."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    del train  # No dropout or BatchNorm.
+    x = x_BxHxWxC.astype(self.dtype)
+    for features in (32, 64):
+      x = nn.relu(_conv(features, padding='VALID', use_bias=True, dtype=self.dtype)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(_conv(64, padding='VALID', use_bias=True, dtype=self.dtype)(x))
+    x_BxD = x.reshape(x.shape[0], -1)
+    x_BxD = nn.relu(_dense(64, 'mlp', dtype=self.dtype)(x_BxD))
+    return _dense(self.num_classes, dtype=self.dtype)(x_BxD).astype(jnp.float32)
+
+
+class MLP(nn.Module):
+  """Flattened pixels through ReLU hidden layers."""
+  num_classes: int
+  hidden: Sequence[int] = (128, 64)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    del train
+    x_BxD = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1).astype(self.dtype)
+    for features in self.hidden:
+      x_BxD = nn.relu(_dense(features, 'mlp', dtype=self.dtype)(x_BxD))
+    return _dense(self.num_classes, dtype=self.dtype)(x_BxD).astype(jnp.float32)
+
+
+def _shortcut_a(x_BxHxWxC: jnp.ndarray, features: int, strides: int) -> jnp.ndarray:
+  """He et al. 2016 option A: subsample, then zero-pad the new channels (no parameters)."""
+  x = x_BxHxWxC[:, ::strides, ::strides, :]
+  extra = features - x.shape[-1]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class BasicBlock(nn.Module):
+  """Post-activation basic block (conv-BN-ReLU-conv-BN, add, ReLU) with option-A shortcut."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    y = _conv(self.features, strides=self.strides, dtype=self.dtype)(x_BxHxWxC)
+    y = nn.relu(_batch_norm(train, self.dtype)(y))
+    y = _conv(self.features, dtype=self.dtype)(y)
+    y = _batch_norm(train, self.dtype)(y)
+    shortcut = x_BxHxWxC
+    if self.strides != 1 or x_BxHxWxC.shape[-1] != self.features:
+      shortcut = _shortcut_a(x_BxHxWxC, self.features, self.strides)
+    return nn.relu(shortcut + y)
+
+
+class CifarResNet(nn.Module):
+  """He et al. 2016's CIFAR ResNet: a 3x3 stem, 3 stages of `blocks` basic blocks, avg pool.
+
+  Depth is 6 * blocks + 2 (ResNet-20: blocks=3).
+  """
+  num_classes: int
+  blocks: int
+  widths: Sequence[int] = (16, 32, 64)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    x = _conv(self.widths[0], dtype=self.dtype)(x_BxHxWxC.astype(self.dtype))
+    x = nn.relu(_batch_norm(train, self.dtype)(x))
+    for stage, features in enumerate(self.widths):
+      for block in range(self.blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(features, strides, self.dtype)(x, train=train)
+    x_BxC = _global_avg_pool(x)
+    return _dense(self.num_classes, dtype=self.dtype)(x_BxC).astype(jnp.float32)
+
+
+class PreActBlock(nn.Module):
+  """Pre-activation block (He et al. 2016b): BN-ReLU-conv twice, 1x1 projection on a change.
+
+  Dropout between the convs is the Wide ResNet variant (Zagoruyko & Komodakis 2016).
+  """
+  features: int
+  strides: int = 1
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    y = nn.relu(_batch_norm(train, self.dtype)(x_BxHxWxC))
+    shortcut = x_BxHxWxC
+    if self.strides != 1 or x_BxHxWxC.shape[-1] != self.features:
+      # The projection sees the pre-activated input, as in the authors' code.
+      shortcut = _conv(self.features, kernel=1, strides=self.strides, dtype=self.dtype)(y)
+    y = _conv(self.features, strides=self.strides, dtype=self.dtype)(y)
+    y = nn.relu(_batch_norm(train, self.dtype)(y))
+    if self.dropout > 0:
+      y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = _conv(self.features, dtype=self.dtype)(y)
+    return shortcut + y
+
+
+class PreActResNet(nn.Module):
+  """A 3x3 stem, stages of pre-activation blocks, a final BN-ReLU, avg pool and a classifier.
+
+  Pre-activation ResNet-18: stem 64, widths (64, 128, 256, 512), 2 blocks per stage.
+  WRN-28-10: stem 16, widths (160, 320, 640), 4 blocks per stage.
+  """
+  num_classes: int
+  stem: int
+  widths: Sequence[int]
+  blocks: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    x = _conv(self.stem, dtype=self.dtype)(x_BxHxWxC.astype(self.dtype))
+    for stage, features in enumerate(self.widths):
+      for block in range(self.blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = PreActBlock(features, strides, self.dropout, self.dtype)(x, train=train)
+    x = nn.relu(_batch_norm(train, self.dtype)(x))
+    x_BxC = _global_avg_pool(x)
+    return _dense(self.num_classes, dtype=self.dtype)(x_BxC).astype(jnp.float32)
+
+
+class ConvBN(nn.Module):
+  """3x3 conv, BatchNorm, ReLU: ResNet-9's only building block."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    x = _conv(self.features, dtype=self.dtype)(x_BxHxWxC)
+    return nn.relu(_batch_norm(train, self.dtype)(x))
+
+
+class ResNet9(nn.Module):
+  """David Page's DAWNBench ResNet-9 ("How to train your ResNet", myrtle.ai 2018).
+
+  prep ConvBN(64); layer1 ConvBN(128), max pool, + residual of two ConvBN(128); layer2
+  ConvBN(256), max pool; layer3 ConvBN(512), max pool, + residual of two ConvBN(512); global
+  max pool; bias-free linear; logits scaled by 0.125. This is the net airbench grew out of,
+  not airbench94 itself (which adds a whitening stem, narrower layers and other tricks).
+  """
+  num_classes: int
+  widths: Sequence[int] = (64, 128, 256, 512)
+  logit_scale: float = 0.125
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, *, train: bool):
+    prep, w1, w2, w3 = self.widths
+    x = ConvBN(prep, self.dtype)(x_BxHxWxC.astype(self.dtype), train=train)
+    for features, residual in ((w1, True), (w2, False), (w3, True)):
+      x = ConvBN(features, self.dtype)(x, train=train)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      if residual:
+        y = ConvBN(features, self.dtype)(x, train=train)
+        x = x + ConvBN(features, self.dtype)(y, train=train)
+    x_BxC = x.max(axis=(1, 2))
+    logits = _dense(self.num_classes, use_bias=False, dtype=self.dtype)(x_BxC)
+    return (logits * self.logit_scale).astype(jnp.float32)
+
+
+_RESNET_DEPTHS = {'resnet20': 20, 'resnet32': 32, 'resnet56': 56, 'resnet110': 110}
+NAMES = ('simple_cnn', 'mlp', *_RESNET_DEPTHS, 'preact_resnet18', 'wrn28_10', 'resnet9')
+_HAS_WIDTH = ('resnet20', 'resnet32', 'resnet56', 'resnet110', 'preact_resnet18', 'resnet9')
+
+
+def _check(model_cfg) -> None:
+  if model_cfg.name not in NAMES:
+    raise ConfigError(f'unknown image model {model_cfg.name!r}; set --config.model.name to one '
+                      f'of {", ".join(NAMES)}')
+  if model_cfg.dtype not in _DTYPES:
+    raise ConfigError(f'model.dtype {model_cfg.dtype!r} is not supported; use one of '
+                      f'{", ".join(_DTYPES)}')
+  if model_cfg.width != 1 and model_cfg.name not in _HAS_WIDTH:
+    raise ConfigError(f'model {model_cfg.name!r} has no width multiplier; set model.width=1 '
+                      f'(it applies to {", ".join(_HAS_WIDTH)})')
+  if model_cfg.width <= 0:
+    raise ConfigError(f'model.width must be positive, got {model_cfg.width}')
+  if model_cfg.dropout > 0 and model_cfg.name != 'wrn28_10':
+    raise ConfigError(f'model {model_cfg.name!r} has no dropout; set model.dropout=0 '
+                      '(only wrn28_10 uses it)')
+
+
+def build(model_cfg) -> nn.Module:
+  """The image model `model_cfg.name` names (see NAMES), with `num_classes` outputs."""
+  _check(model_cfg)
+  name, k = model_cfg.name, model_cfg.num_classes
+  dtype = jnp.dtype(model_cfg.dtype)
+
+  def scaled(widths):
+    return tuple(max(1, round(w * model_cfg.width)) for w in widths)
+
+  if name == 'simple_cnn':
+    return SimpleCNN(k, dtype=dtype)
+  if name == 'mlp':
+    return MLP(k, dtype=dtype)
+  if name in _RESNET_DEPTHS:
+    return CifarResNet(k, blocks=(_RESNET_DEPTHS[name] - 2) // 6,
+                       widths=scaled((16, 32, 64)), dtype=dtype)
+  if name == 'preact_resnet18':
+    return PreActResNet(k, stem=scaled((64,))[0], widths=scaled((64, 128, 256, 512)),
+                        blocks=2, dtype=dtype)
+  if name == 'wrn28_10':
+    return PreActResNet(k, stem=16, widths=(160, 320, 640), blocks=4,
+                        dropout=model_cfg.dropout, dtype=dtype)
+  return ResNet9(k, widths=scaled((64, 128, 256, 512)), dtype=dtype)
