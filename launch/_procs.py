@@ -27,27 +27,28 @@ def _die_with_parent():
 
 
 class Child:
-  """One subprocess whose merged stdout/stderr goes line by line to `sink`."""
+  """One subprocess, its merged stdout/stderr printed with `prefix` or appended to `log_path`.
 
-  def __init__(self, cmd: list[str], env: dict, prefix: str = '', log_path: str = '',
-               echo: bool = True):
+  A logging child writes its file itself rather than through a pipe to the launcher: should
+  the launcher die, a pipe would break and the child's next print would fail mid-save.
+  """
+
+  def __init__(self, cmd: list[str], env: dict, prefix: str = '', log_path: str = ''):
     self.cmd, self.prefix = cmd, prefix
-    self._log = open(log_path, 'a', buffering=1) if log_path else None
-    self._echo = echo
+    self._log = open(log_path, 'ab') if log_path else None
     self.proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_die_with_parent, text=True, errors='replace')
-    self._reader = threading.Thread(target=self._pump, daemon=True)
-    self._reader.start()
+        cmd, env=env, stdout=self._log or subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    self._reader = None
+    if not self._log:
+      self._reader = threading.Thread(target=self._pump, daemon=True)
+      self._reader.start()
 
   def _pump(self):
     for line in self.proc.stdout:
-      if self._log:
-        self._log.write(line)
-      if self._echo:
-        with _print_lock:
-          sys.stdout.write(self.prefix + line)
-          sys.stdout.flush()
+      with _print_lock:
+        sys.stdout.write(self.prefix + line.decode(errors='replace'))
+        sys.stdout.flush()
     self.proc.stdout.close()
 
   def poll(self):
@@ -61,7 +62,8 @@ class Child:
   def finish(self) -> int:
     """Waits for exit and for the last line of output; returns the exit code."""
     code = self.proc.wait()
-    self._reader.join()
+    if self._reader:
+      self._reader.join()
     if self._log:
       self._log.close()
     return code

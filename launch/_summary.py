@@ -59,7 +59,7 @@ def trial_row(trial: dict, metric: str, mode: str, attempt: dict | None) -> dict
   train = series(rows, 'train/loss')
   if done:
     status = 'done'
-  elif attempt and attempt['exit_code'] not in (0, None):
+  elif attempt and attempt['exit_code'] and not attempt.get('stopped'):
     status = f'failed ({attempt["exit_code"]})'
   else:
     status = 'partial' if rows else 'pending'

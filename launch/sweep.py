@@ -79,14 +79,15 @@ def _start(trial: dict, slot: int, args, platform: str, gpus: list[str]) -> _pro
     cmd = ['taskset', '-c', ','.join(map(str, cores)), *cmd]
   os.makedirs(trial['workdir'], exist_ok=True)
   log = os.path.join(trial['workdir'], 'train.log')
-  return _procs.Child(cmd, env, log_path=log, echo=False)
+  return _procs.Child(cmd, env, log_path=log)
 
 
-def _record(sweep_dir: str, trial: dict, code: int, seconds: float):
+def _record(sweep_dir: str, trial: dict, code: int, stopped: bool, seconds: float):
   """Appends to attempts.jsonl, which summarize reads to tell failed trials from stopped."""
   with open(os.path.join(sweep_dir, 'attempts.jsonl'), 'a') as f:
     f.write(json.dumps({'index': trial['index'], 'name': trial['name'], 'exit_code': code,
-                        'done': _trials.is_done(trial), 'seconds': round(seconds, 1),
+                        'done': _trials.is_done(trial), 'stopped': stopped,
+                        'seconds': round(seconds, 1),
                         'time': time.strftime('%Y-%m-%dT%H:%M:%S')}) + '\n')
 
 
@@ -119,11 +120,13 @@ def run_local(spec: dict, sweep_dir: str, args) -> int:
           continue
         code = child.finish()
         del running[slot]
-        _record(sweep_dir, trial, code, time.time() - t0)
         done = _trials.is_done(trial)
-        print(f'{"done" if done else "stopped" if code == 0 else "FAILED":7s} {trial["name"]} '
+        # A trial we signalled may die before the trainer installs its handler: not a failure.
+        stopped = not done and (code == 0 or bool(received))
+        _record(sweep_dir, trial, code, stopped, time.time() - t0)
+        print(f'{"done" if done else "stopped" if stopped else "FAILED":7s} {trial["name"]} '
               f'(exit {code}, {time.time() - t0:.0f}s)', flush=True)
-        if code and not done:
+        if not done and not stopped:
           failed.append(trial['name'])
           print(_tail(os.path.join(trial['workdir'], 'train.log')), end='', flush=True)
       time.sleep(0.2)
