@@ -1,0 +1,113 @@
+"""Classification evaluation: confusion matrix, per-class report and the two result plots.
+
+Shape key: B batch, K classes. Confusion rows are true classes, columns predicted classes.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use('Agg')  # Files only; training hosts have no display.
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def confusion_matrix(preds_B: jax.Array, targets_B: jax.Array, mask_B: jax.Array,
+                     num_classes: int) -> jax.Array:
+  """[K, K] int32 counts of (true, predicted) over the rows where mask is 1.
+
+  A one-hot matmul rather than a scatter: with the batch sharded it reduces like a sum.
+  """
+  true_BxK = jax.nn.one_hot(targets_B, num_classes, dtype=jnp.float32) * mask_B[:, None]
+  pred_BxK = jax.nn.one_hot(preds_B, num_classes, dtype=jnp.float32)
+  return jnp.einsum('bt,bp->tp', true_BxK, pred_BxK).round().astype(jnp.int32)
+
+
+def per_class_report(confusion_KxK, class_names) -> tuple[dict, str]:
+  """(report, markdown table) with precision, recall, F1 and support per class.
+
+  The report holds 'accuracy', 'macro_precision', 'macro_recall', 'macro_f1' and 'per_class'
+  ({name: {'precision', 'recall', 'f1', 'support'}}). A class never predicted (or never
+  present) gets precision (recall) 0, as scikit-learn does.
+  """
+  c = np.asarray(confusion_KxK, np.float64)
+  tp_K = np.diag(c)
+  predicted_K, support_K = c.sum(axis=0), c.sum(axis=1)
+  precision_K = np.divide(tp_K, predicted_K, out=np.zeros_like(tp_K), where=predicted_K > 0)
+  recall_K = np.divide(tp_K, support_K, out=np.zeros_like(tp_K), where=support_K > 0)
+  denom_K = precision_K + recall_K
+  f1_K = np.divide(2 * precision_K * recall_K, denom_K, out=np.zeros_like(tp_K),
+                   where=denom_K > 0)
+  report = {
+      'accuracy': float(tp_K.sum() / max(c.sum(), 1)),
+      'macro_precision': float(precision_K.mean()),
+      'macro_recall': float(recall_K.mean()),
+      'macro_f1': float(f1_K.mean()),
+      'per_class': {name: {'precision': float(p), 'recall': float(r), 'f1': float(f),
+                           'support': int(s)}
+                    for name, p, r, f, s in zip(class_names, precision_K, recall_K, f1_K,
+                                                support_K)},
+  }
+  lines = ['| class | precision | recall | F1 | support |', '| --- | ---: | ---: | ---: | ---: |']
+  for name, row in report['per_class'].items():
+    lines.append(f'| {name} | {row["precision"]:.4f} | {row["recall"]:.4f} | {row["f1"]:.4f} '
+                 f'| {row["support"]} |')
+  lines.append(f'| **macro** | {report["macro_precision"]:.4f} | {report["macro_recall"]:.4f} '
+               f'| {report["macro_f1"]:.4f} | {int(support_K.sum())} |')
+  return report, '\n'.join(lines)
+
+
+def save_confusion_png(confusion_KxK, class_names, path: str) -> None:
+  """Row-normalised heatmap (recall per true class) annotated with the raw counts."""
+  c = np.asarray(confusion_KxK)
+  rows = c.sum(axis=1, keepdims=True)
+  share = np.divide(c, rows, out=np.zeros(c.shape), where=rows > 0)
+  k = len(class_names)
+  fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 0.8 + 0.6 * k))
+  ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+  for t in range(k):
+    for p in range(k):
+      ax.text(p, t, str(c[t, p]), ha='center', va='center', fontsize=7,
+              color='white' if share[t, p] > 0.5 else 'black')
+  ax.set_xticks(range(k), class_names, rotation=45, ha='right')
+  ax.set_yticks(range(k), class_names)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  ax.set_title(f'accuracy {np.trace(c) / max(c.sum(), 1):.4f}')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+  points = [(r['step'], r[key]) for r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+  return [s for s, _ in points], [v for _, v in points]
+
+
+def save_curves_png(metrics_jsonl_path: str, path: str) -> None:
+  """Loss (left) and accuracy (right) against step, one line per metric in the jsonl.
+
+  Plots every numeric key whose last '/'-part is 'loss' or 'accuracy' (e.g. 'loss',
+  'train/loss', 'eval/accuracy'), so it follows whatever names the trainer writes.
+  """
+  with open(metrics_jsonl_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  keys = sorted({k for r in records for k in r if k != 'step'})
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, kind in zip(axes, ('loss', 'accuracy')):
+    for key in keys:
+      if key.split('/')[-1] == kind:
+        steps, values = _series(records, key)
+        ax.plot(steps, values, label=key, marker='.' if len(steps) < 50 else None)
+    ax.set_xlabel('step')
+    ax.set_ylabel(kind)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
