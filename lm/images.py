@@ -171,10 +171,13 @@ class ImageData:
     return rows_G[self._pi * b:(self._pi + 1) * b]
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if self._perm_cache[0] != epoch:  # Only a memo: the order is a function of (seed, epoch).
+    # Only a memo: the order is a function of (seed, epoch). One tuple read and one write keep
+    # it safe if a prefetch thread asks for another epoch at the same time.
+    cached_epoch, perm = self._perm_cache
+    if cached_epoch != epoch:
       perm = np.random.default_rng([self._seed, epoch]).permutation(self.num_train)
       self._perm_cache = (epoch, perm)
-    return self._perm_cache[1]
+    return perm
 
   def train_indices(self, step: int) -> np.ndarray:
     """Indices into the training examples of step `step`'s global batch, [G]."""
