@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
+  c.data.crop_padding = 'constant'  # classify: crop padding, 'constant' (zeros) or 'reflect'.
+  c.data.eval_batch_size = 0      # classify: eval batch (0 = a multiple of batch_size >= 512).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.

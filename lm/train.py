@@ -54,8 +54,13 @@ class Task:
       self.items_per_step = self.data.tokens_per_batch
     elif config.task == 'classify':
       from lm import cnn, images  # pylint: disable=g-import-not-at-top
-      self.data = images.make_image_data(config, pi, pc,
-                                           max_examples=config.data.max_examples)
+      d = config.data
+      if d.crop_padding not in ('constant', 'reflect'):
+        raise ConfigError(f'data.crop_padding={d.crop_padding!r} is unknown; use constant or '
+                          'reflect')
+      self.data = images.make_image_data(config, pi, pc, max_examples=d.max_examples,
+                                         eval_batch_size=d.eval_batch_size,
+                                         pad_mode=d.crop_padding)
       self.model = cnn.build(config.model)
       self.unit = 'img'
       self.items_per_step = config.train.batch_size
