@@ -206,3 +206,22 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
   assert json.load(open(os.path.join(workdir, 'DONE')))['step'] == 400
   steps = _steps(workdir)
   assert steps == sorted(set(steps)) and steps[-1] == 400
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_sweep_as_a_job_array_runs_each_trial_once(tmp_path):
+  assert shutil.which('sinfo'), 'LM_REQUIRE_SLURM is set but sinfo is missing'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  sw = str(tmp_path / 'sw')
+  cmd = [sys.executable, '-m', 'launch.sweep', f'--config={TINY}', f'--sweep_dir={sw}',
+         '--backend=slurm', '--submit', '--wait', '--', '--config.model.num_layers=1']
+  first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stdout[-4000:] + first.stderr
+  spec = _trials.read(sw)
+  for trial in spec['trials']:
+    assert json.load(open(os.path.join(trial['workdir'], 'DONE')))['step'] == 20
+    assert _steps(trial['workdir']) == [5, 10, 15, 20]
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0 and 'nothing to submit' in again.stdout
