@@ -324,8 +324,8 @@ class Trainer:
       done = step + 1
       is_last = done == self.steps
       eval_due = is_last or (c.eval_every and done % c.eval_every == 0)
-      stop.requested |= done == stop_after
-      ckpt_due = is_last or done % c.checkpoint_every == 0 or stop.requested
+      stopping = stop.should_stop(done, c.log_every) or done == stop_after
+      ckpt_due = is_last or done % c.checkpoint_every == 0 or stopping
       if not (eval_due or ckpt_due):
         continue
       log.record(*pending)  # Before saving: a checkpoint never follows an unchecked step.
@@ -335,7 +335,7 @@ class Trainer:
         log.write_eval(done, final)
       if ckpt_due:
         self._save(done, state)
-      if stop.requested and not is_last:
+      if stopping and not is_last:
         self._wait_for_saves()
         print(f'stopped at step {done}; checkpoint saved in {self.ckpt.directory}/{done}. '
               'Run the same command to continue.', flush=True)
@@ -476,6 +476,16 @@ class _StopFlag:
         signal.signal(sig, self._handle)
       except ValueError:  # Not the main thread (e.g. under some test runners).
         pass
+
+  def should_stop(self, step: int, every: int) -> bool:
+    """With several processes, all must stop at the same step (or the save would hang), so
+    they compare flags every `every` steps; one process decides on its own."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
   def _handle(self, signum, frame):
     del frame
