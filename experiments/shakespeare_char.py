@@ -10,6 +10,7 @@ nanoGPT on the same 2-core CPU).
 """
 
 from lm import config as base
+from lm import sweeps
 
 
 def get_config():
@@ -27,5 +28,4 @@ def get_config():
 
 def sweep():
   """Learning rate x warmup, 4 trials: python -m launch.sweep --config=<this file> ..."""
-  return [{'optim.lr': lr, 'optim.warmup_steps': warmup}
-          for lr in (1e-3, 3e-3) for warmup in (50, 200)]
+  return sweeps.grid({'optim.lr': [1e-3, 3e-3], 'optim.warmup_steps': [50, 200]})
