@@ -20,25 +20,29 @@ _BN_EPSILON = 1e-5
 # Kaiming-normal (He et al. 2015) with fan-out, as torchvision's ResNets initialise convs.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 _DENSE_INIT = nn.initializers.lecun_normal()
+# The seed models are trained as their tutorials train them, so they start as those did:
+# Keras's Glorot-uniform for the TF CNN, PyTorch's default uniform(+-1/sqrt(fan_in)) for the MLP.
+_KERAS_INIT = nn.initializers.glorot_uniform()
+_TORCH_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 _DTYPES = ('float32', 'bfloat16')
 
 
 def _conv(features: int, kernel: int = 3, strides: int = 1, padding: Any = None,
-          use_bias: bool = False, dtype: Any = jnp.float32) -> nn.Conv:
+          use_bias: bool = False, dtype: Any = jnp.float32, init=_CONV_INIT) -> nn.Conv:
   # Explicit symmetric padding (k // 2 per side) as in the papers' code; Flax's 'SAME' pads
   # stride-2 convs on one side only.
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=kernel // 2 if padding is None else padding, use_bias=use_bias,
                  dtype=dtype,
                  kernel_init=nn.with_logical_partitioning(
-                     _CONV_INIT, (None, None, 'conv_in', 'conv_out')))
+                     init, (None, None, 'conv_in', 'conv_out')))
 
 
 def _dense(features: int, out_axis: str | None = None, use_bias: bool = True,
-           dtype: Any = jnp.float32) -> nn.Dense:
+           dtype: Any = jnp.float32, init=_DENSE_INIT) -> nn.Dense:
   # The class axis stays replicated: 10 or 100 classes rarely divide a mesh axis.
   return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                  kernel_init=nn.with_logical_partitioning(_DENSE_INIT, ('embed', out_axis)))
+                  kernel_init=nn.with_logical_partitioning(init, ('embed', out_axis)))
 
 
 def _batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
@@ -60,12 +64,14 @@ class SimpleCNN(nn.Module):
     del train  # No dropout or BatchNorm.
     x = x_BxHxWxC.astype(self.dtype)
     for features in (32, 64):
-      x = nn.relu(_conv(features, padding='VALID', use_bias=True, dtype=self.dtype)(x))
+      x = nn.relu(_conv(features, padding='VALID', use_bias=True, dtype=self.dtype,
+                        init=_KERAS_INIT)(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(_conv(64, padding='VALID', use_bias=True, dtype=self.dtype)(x))
+    x = nn.relu(_conv(64, padding='VALID', use_bias=True, dtype=self.dtype, init=_KERAS_INIT)(x))
     x_BxD = x.reshape(x.shape[0], -1)
-    x_BxD = nn.relu(_dense(64, 'mlp', dtype=self.dtype)(x_BxD))
-    return _dense(self.num_classes, dtype=self.dtype)(x_BxD).astype(jnp.float32)
+    x_BxD = nn.relu(_dense(64, 'mlp', dtype=self.dtype, init=_KERAS_INIT)(x_BxD))
+    return _dense(self.num_classes, dtype=self.dtype, init=_KERAS_INIT)(x_BxD).astype(
+        jnp.float32)
 
 
 class MLP(nn.Module):
@@ -79,8 +85,9 @@ class MLP(nn.Module):
     del train
     x_BxD = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1).astype(self.dtype)
     for features in self.hidden:
-      x_BxD = nn.relu(_dense(features, 'mlp', dtype=self.dtype)(x_BxD))
-    return _dense(self.num_classes, dtype=self.dtype)(x_BxD).astype(jnp.float32)
+      x_BxD = nn.relu(_dense(features, 'mlp', dtype=self.dtype, init=_TORCH_INIT)(x_BxD))
+    return _dense(self.num_classes, dtype=self.dtype, init=_TORCH_INIT)(x_BxD).astype(
+        jnp.float32)
 
 
 def _shortcut_a(x_BxHxWxC: jnp.ndarray, features: int, strides: int) -> jnp.ndarray:
