@@ -107,6 +107,18 @@ def _param(module, name, init, shape, axes):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
+def _dense(x_BxLxI, w_IxO, dtype, out_dtype=None):
+  """x @ w as one 2-D [B*L, I] matmul.
+
+  Contracting a single axis keeps the weight gradient a plain [I, O] matmul; with x 3-D it
+  contracts (B, L) and XLA:CPU materialises transposed copies of the activations for it.
+  """
+  b, length, i = x_BxLxI.shape
+  y = jnp.dot(x_BxLxI.reshape(b * length, i), w_IxO.astype(dtype),
+              preferred_element_type=out_dtype)
+  return y.reshape(b, length, w_IxO.shape[1])
+
+
 def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
@@ -177,14 +189,18 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_L):
     cfg = self.config
+    b, length = x_BxLxD.shape[:2]
     d, h, q = cfg.d_model, cfg.num_heads, cfg.head_dim
-    w_Dx3xHxQ = _param(self, 'qkv', _normal(0.02), (d, 3, h, q), ('embed', None, 'heads', 'kv'))
-    # One matmul for q, k and v, written straight into the heads-major layout attention wants.
-    qkv = jnp.einsum('bld,dthq->tbhlq', x_BxLxD, w_Dx3xHxQ.astype(cfg.dtype))
+    # q, k and v kernels side by side, heads major so a tensor-parallel split stays contiguous.
+    w_DxHx3xQ = _param(self, 'qkv', _normal(0.02), (d, h, 3, q), ('embed', 'heads', None, 'kv'))
+    qkv_BxLxHx3xQ = _dense(x_BxLxD, w_DxHx3xQ.reshape(d, h * 3 * q), cfg.dtype).reshape(
+        b, length, h, 3, q)
     if cfg.use_bias:
-      b_3xHxQ = _param(self, 'qkv_bias', nn.initializers.zeros, (3, h, q), (None, 'heads', 'kv'))
-      qkv = qkv + b_3xHxQ.astype(cfg.dtype)[:, None, :, None, :]
-    q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ = (_constrain(t, _HEADS) for t in qkv)
+      b_Hx3xQ = _param(self, 'qkv_bias', nn.initializers.zeros, (h, 3, q), ('heads', None, 'kv'))
+      qkv_BxLxHx3xQ = qkv_BxLxHx3xQ + b_Hx3xQ.astype(cfg.dtype)
+    # Heads-major for the attention matmuls: one explicit transpose instead of many implicit.
+    q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ = (
+        _constrain(t, _HEADS) for t in qkv_BxLxHx3xQ.transpose(3, 0, 2, 1, 4))
     if cfg.pos == 'rope':
       q_BxHxLxQ = _rope(q_BxHxLxQ, positions_L)
       k_BxHxLxQ = _rope(k_BxHxLxQ, positions_L)
@@ -193,10 +209,11 @@ class Attention(nn.Module):
     if self.decode:
       k_BxHxLxQ, v_BxHxLxQ, mask_LxS = self._update_cache(k_BxHxLxQ, v_BxHxLxQ)
     out_BxHxLxQ = _attend(q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ, mask_LxS, cfg.dtype)
+    out_BxLxHQ = out_BxHxLxQ.transpose(0, 2, 1, 3).reshape(b, length, h * q)
 
     init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
     wo_HxQxD = _param(self, 'out', init_out, (h, q, d), ('heads', 'kv', 'embed'))
-    y_BxLxD = jnp.einsum('bhlq,hqd->bld', out_BxHxLxQ, wo_HxQxD.astype(cfg.dtype))
+    y_BxLxD = _dense(out_BxLxHQ, wo_HxQxD.reshape(h * q, d), cfg.dtype)
     if cfg.use_bias:
       y_BxLxD = y_BxLxD + _param(self, 'out_bias', nn.initializers.zeros, (d,),
                                  ('embed',)).astype(cfg.dtype)
@@ -232,30 +249,28 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.config
     d, f = cfg.d_model, cfg.mlp_dim
+    h_BxLxF = self._in(x_BxLxD, 'wi')
     if cfg.mlp == 'swiglu':
-      # Gate and value kernels fused into one wider matmul.
-      wi_DxTxF = _param(self, 'wi', _normal(0.02), (d, 2, f), ('embed', None, 'mlp'))
-      gate_BxLxF, value_BxLxF = jnp.einsum('bld,dtf->tblf', x_BxLxD, wi_DxTxF.astype(cfg.dtype))
-      if cfg.use_bias:
-        b_2xF = _param(self, 'wi_bias', nn.initializers.zeros, (2, f), (None, 'mlp'))
-        gate_BxLxF = gate_BxLxF + b_2xF[0].astype(cfg.dtype)
-        value_BxLxF = value_BxLxF + b_2xF[1].astype(cfg.dtype)
-      h_BxLxF = nn.silu(gate_BxLxF) * value_BxLxF
+      h_BxLxF = nn.silu(h_BxLxF) * self._in(x_BxLxD, 'wi_value')
     else:
-      wi_DxF = _param(self, 'wi', _normal(0.02), (d, f), ('embed', 'mlp'))
-      h_BxLxF = jnp.dot(x_BxLxD, wi_DxF.astype(cfg.dtype))
-      if cfg.use_bias:
-        h_BxLxF = h_BxLxF + _param(self, 'wi_bias', nn.initializers.zeros, (f,),
-                                   ('mlp',)).astype(cfg.dtype)
       h_BxLxF = nn.gelu(h_BxLxF)
     h_BxLxF = _constrain(h_BxLxF, _MLP)
     init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
     wo_FxD = _param(self, 'wo', init_out, (f, d), ('mlp', 'embed'))
-    y_BxLxD = jnp.dot(h_BxLxF, wo_FxD.astype(cfg.dtype))
+    y_BxLxD = _dense(h_BxLxF, wo_FxD, cfg.dtype)
     if cfg.use_bias:
       y_BxLxD = y_BxLxD + _param(self, 'wo_bias', nn.initializers.zeros, (d,),
                                  ('embed',)).astype(cfg.dtype)
     return y_BxLxD
+
+  def _in(self, x_BxLxD, name):
+    cfg = self.config
+    w_DxF = _param(self, name, _normal(0.02), (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
+    h_BxLxF = _dense(x_BxLxD, w_DxF, cfg.dtype)
+    if cfg.use_bias:
+      h_BxLxF = h_BxLxF + _param(self, name + '_bias', nn.initializers.zeros, (cfg.mlp_dim,),
+                                 ('mlp',)).astype(cfg.dtype)
+    return h_BxLxF
 
 
 class Block(nn.Module):
@@ -302,8 +317,7 @@ class Transformer(nn.Module):
       head_DxV = embedding_VxD.T
     else:
       head_DxV = _param(self, 'head', _normal(0.02), (d, v), ('embed', 'vocab'))
-    logits_BxLxV = jnp.dot(x_BxLxD, head_DxV.astype(cfg.dtype),
-                           preferred_element_type=jnp.float32)
+    logits_BxLxV = _dense(x_BxLxD, head_DxV, cfg.dtype, out_dtype=jnp.float32)
     if cfg.use_bias:
       logits_BxLxV = logits_BxLxV + _param(self, 'head_bias', nn.initializers.zeros, (v,),
                                            ('vocab',))

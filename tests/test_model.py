@@ -1,0 +1,174 @@
+"""Tests for lm/model.py: shapes, causality, logical axes, variants, config errors, FLOPs."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import config as config_lib
+from lm import model as model_lib
+
+TINY = model_lib.TransformerConfig(vocab_size=11, num_layers=2, num_heads=2, d_model=16,
+                                   mlp_dim=32, seq_len=8)
+
+
+def _tokens(batch=2, length=8, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, TINY.vocab_size)
+
+
+def _init(cfg, tokens):
+  return jax.jit(model_lib.Transformer(cfg).init)(jax.random.key(0), tokens)
+
+
+@pytest.mark.parametrize('pos', ['learned', 'rope'])
+def test_logits_shape_dtype_and_causality(pos):
+  cfg = dataclasses.replace(TINY, pos=pos)
+  model = model_lib.Transformer(cfg)
+  tokens = _tokens()
+  t = 4
+  changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
+
+  @jax.jit
+  def both_logits(rng):
+    variables = model.init(rng, tokens)
+    return model.apply(variables, tokens), model.apply(variables, changed)
+
+  logits, changed_logits = both_logits(jax.random.key(0))
+  assert logits.shape == (2, 8, cfg.vocab_size)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(changed_logits[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+  # The change must be visible after t, or the check above proves nothing.
+  assert np.abs(changed_logits[:, t + 1:] - logits[:, t + 1:]).max() > 1e-4
+
+
+def test_every_param_has_logical_axes():
+  cfg = dataclasses.replace(TINY, use_bias=True, tie_embeddings=False, mlp='swiglu')
+  model = model_lib.Transformer(cfg)
+  params = jax.eval_shape(model.init, jax.random.key(0), _tokens())['params']
+  boxes = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert boxes and all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
+  for box in boxes:
+    assert len(box.names) == len(box.value.shape)
+  specs = nn.get_partition_spec(params)
+  assert specs['embedding'] == jax.sharding.PartitionSpec('vocab', 'embed')
+  assert specs['head'] == jax.sharding.PartitionSpec('embed', 'vocab')
+  block = specs['block_0']
+  assert block['attn']['qkv'] == jax.sharding.PartitionSpec('embed', 'heads', None, 'kv')
+  assert block['attn']['out'] == jax.sharding.PartitionSpec('heads', 'kv', 'embed')
+  assert block['mlp']['wi'] == jax.sharding.PartitionSpec('embed', 'mlp')
+  assert block['mlp']['wo'] == jax.sharding.PartitionSpec('mlp', 'embed')
+  assert block['norm_attn']['scale'] == jax.sharding.PartitionSpec('norm')
+
+
+def test_params_are_float32_and_init_follows_gpt2():
+  cfg = dataclasses.replace(TINY, d_model=64, mlp_dim=256, dtype=jnp.bfloat16)
+  params = nn.unbox(_init(cfg, _tokens())['params'])
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  np.testing.assert_allclose(params['embedding'].std(), 0.02, rtol=0.1)
+  # Residual output projections shrink by 1/sqrt(2 * num_layers) = 1/2.
+  np.testing.assert_allclose(params['block_0']['mlp']['wo'].std(), 0.01, rtol=0.1)
+  np.testing.assert_array_equal(params['norm_final']['scale'], 1.0)
+
+
+@pytest.mark.parametrize('change', [
+    dict(norm='rmsnorm'), dict(mlp='swiglu'), dict(tie_embeddings=False), dict(use_bias=True),
+    dict(dtype=jnp.bfloat16), dict(pos='rope', norm='rmsnorm', mlp='swiglu')])
+def test_variants_build_and_run(change):
+  cfg = dataclasses.replace(TINY, **change)
+  model = model_lib.Transformer(cfg)
+  tokens = _tokens()
+
+  @jax.jit
+  def init_logits_and_grads(rng):
+    params = model.init(rng, tokens)['params']
+    forward = lambda p: (lambda logits: (logits.sum(), logits))(model.apply({'params': p}, tokens))
+    return jax.grad(forward, has_aux=True)(params)
+
+  grads, logits = init_logits_and_grads(jax.random.key(0))
+  assert logits.shape == (2, 8, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert np.isfinite(logits).all()
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_remat_matches_plain():
+  tokens = _tokens()
+  plain = model_lib.Transformer(TINY)
+  remat = model_lib.Transformer(dataclasses.replace(TINY, remat=True))
+
+  @jax.jit
+  def grads(rng):
+    params = plain.init(rng, tokens)['params']
+    loss = lambda model: lambda p: model.apply({'params': p}, tokens).sum()
+    return jax.grad(loss(plain))(params), jax.grad(loss(remat))(params)
+
+  plain_grads, remat_grads = grads(jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain_grads, remat_grads)
+
+
+def test_dropout_only_in_training():
+  model = model_lib.Transformer(dataclasses.replace(TINY, dropout=0.5))
+  tokens = _tokens()
+
+  @jax.jit
+  def outputs(rng):
+    variables = model.init(rng, tokens)
+    train = lambda seed: model.apply(variables, tokens, train=True,
+                                     rngs={'dropout': jax.random.key(seed)})
+    return (model.apply(variables, tokens), model.apply(variables, tokens, train=False),
+            train(1), train(2))
+
+  eval_a, eval_b, train_a, train_b = outputs(jax.random.key(0))
+  np.testing.assert_array_equal(eval_a, eval_b)
+  assert np.abs(train_a - train_b).max() > 1e-3
+  assert np.abs(train_a - eval_a).max() > 1e-3
+
+
+def test_from_config_defaults():
+  c = config_lib.get_config()
+  cfg = model_lib.TransformerConfig.from_config(c.model, vocab_size=65)
+  assert (cfg.vocab_size, cfg.d_model, cfg.mlp_dim, cfg.dtype) == (65, 128, 512, jnp.float32)
+  with c.unlocked():
+    c.model.dtype = 'bfloat16'
+    c.model.vocab_size = 100
+  cfg = model_lib.TransformerConfig.from_config(c.model, vocab_size=65)
+  assert cfg.dtype == jnp.bfloat16 and cfg.vocab_size == 100
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('d_model', 130, 'model.d_model=130 is not divisible by model.num_heads=4'),
+    ('pos', 'alibi', "model.pos='alibi' is not one of learned, rope"),
+    ('norm', 'batchnorm', "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
+    ('mlp', 'relu', "model.mlp='relu' is not one of gelu, swiglu"),
+    ('dtype', 'float64', "model.dtype='float64' is not one of"),
+    ('num_layers', 0, 'model.num_layers=0 must be positive'),
+    ('dropout', 1.0, 'model.dropout=1.0 must be in [0, 1)'),
+])
+def test_from_config_errors(field, value, message):
+  c = config_lib.get_config()
+  c.model[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace('[', r'\[').replace(
+      ')', r'\)').replace('(', r'\(')) as e:
+    model_lib.TransformerConfig.from_config(c.model, vocab_size=65)
+  assert '\n' not in str(e.value)
+
+
+def test_flops_per_token_hand_count():
+  # d=16, f=32, 2 layers, vocab 11, T=8: per layer 4*16*16 + 16*32 + 32*16 = 2048 weights,
+  # N = 2 * 2048 + 16 * 11 = 4272; attention 12 * 2 layers * 2 heads * 8 dims * 8 = 3072.
+  assert model_lib.flops_per_token(TINY) == 6 * 4272 + 3072
+  # SwiGLU adds a second D x F input kernel per layer; untying does not change the count.
+  swiglu = dataclasses.replace(TINY, mlp='swiglu', tie_embeddings=False)
+  assert model_lib.flops_per_token(swiglu) == 6 * (4272 + 2 * 16 * 32) + 3072
+
+
+def test_flops_per_token_matches_param_count():
+  # Every counted weight is a parameter: matmul weights = all params - norms - positions.
+  params = jax.eval_shape(model_lib.Transformer(TINY).init, jax.random.key(0), _tokens())
+  total = sum(np.prod(p.shape) for p in jax.tree.leaves(nn.unbox(params['params'])))
+  norms = (2 * TINY.num_layers + 1) * TINY.d_model
+  positions = TINY.seq_len * TINY.d_model
+  attention = 12 * TINY.num_layers * TINY.d_model * TINY.seq_len
+  assert model_lib.flops_per_token(TINY) == 6 * (total - norms - positions) + attention
