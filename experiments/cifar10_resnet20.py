@@ -16,7 +16,11 @@ lr 0.1 divided by 10 at 32k and 48k, momentum 0.9, weight decay 1e-4, no label s
       --config.optim.warmup_steps=0 --config.optim.lr=0.1 --config.optim.nesterov=False \
       --config.optim.weight_decay=1e-4 --config.train.label_smoothing=0
 Reference: 91.25% test accuracy (8.75% error) with that schedule.
-Hardware / wall time / result on CIFAR-10 (JPEG stand-in): not yet run.
+Hardware / wall time / result on CIFAR-10 (JPEG stand-in): not yet measured. A run of the
+command above on 2026-11-23 shared the 2-core CPU with other jobs (load average ~7) and
+trained at 62 images/s, which projected 2.6 h for 12 epochs, so it was stopped (SIGTERM,
+checkpointed) after 60 steps. It needs a quiet CPU (~180 images/s measured in isolation) or
+an accelerator.
 """
 
 from lm import config as base

@@ -8,7 +8,10 @@ Conv32-MaxPool-Conv64-MaxPool-Conv64-Dense64-Dense10 (122,570 params), Adam lr 1
 held out for validation, test evaluated at the end.
 Reference: the tutorial reports test accuracy above 70% (TF's "Convolutional Neural Network"
 tutorial, which trains on all 50,000 images).
-Hardware / wall time / result on CIFAR-10 (JPEG stand-in): not yet run.
+Result on CIFAR-10 (JPEG stand-in), 2026-11-23, the command above on the 2-core CPU (shared
+with other jobs, load average ~5): test accuracy 68.6% (best validation 69.6% at epoch 6, 68.3%
+at epoch 10), 20 min 8 s wall. Below the tutorial's >70%: the net overfits after epoch 6 and
+the JPEG stand-in costs some accuracy; an earlier run with Kaiming init gave 67.6%.
 """
 
 from lm import config as base
