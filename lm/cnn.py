@@ -8,9 +8,12 @@ sharded over the mesh, the batch mean inside BatchNorm is already a global (sync
 Shape key: B batch, H height, W width, C channels, K classes.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
+from jax import lax
 import jax.numpy as jnp
 
 from lm.config import ConfigError
@@ -27,13 +30,75 @@ _TORCH_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 _DTYPES = ('float32', 'bfloat16')
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _kernel_grad(x_BxHxWxC, dy_BxHxWxO, window, padding):
+  """d loss / d kernel [kh, kw, C, O] of a stride-1 NHWC conv, as a conv over the batch.
+
+  XLA's own rule makes x the left operand, which XLA:CPU must first transpose to [C, H, W, B]
+  (batch minor); it fuses that transpose with the BatchNorm/ReLU/residual chain that
+  produced x and recomputes the chain with a cache-hostile read order. Here dy is the left
+  operand ([O, H, W, B]: a single materialised input) and x the kernel ([H, W, B, C], which
+  keeps C minor and is cheap to form). The window runs flipped, so the output is reversed.
+  """
+  pads = []
+  for k, (lo, _), n_in, n_out in zip(window, padding, x_BxHxWxC.shape[1:3],
+                                     dy_BxHxWxO.shape[1:3]):
+    pads.append((k - 1 - lo, n_in - n_out + lo))
+  g_KxKxCxO = lax.conv_general_dilated(dy_BxHxWxO, x_BxHxWxC, (1, 1), pads,
+                                       dimension_numbers=('CHWN', 'IHWO', 'HWCN'))
+  return g_KxKxCxO[::-1, ::-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_stride1(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def _conv_stride1_fwd(x, kernel, strides, padding):
+  return _conv_stride1(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_stride1_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, input_grad = jax.vjp(
+      lambda x: lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC),
+      x)
+  return input_grad(dy)[0], _kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
+
+
+_conv_stride1.defvjp(_conv_stride1_fwd, _conv_stride1_bwd)
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                          precision=None):
+  """lax.conv_general_dilated for nn.Conv: the same convolution, a faster kernel gradient.
+
+  Only plain stride-1 convs whose output is as large as their input ('same' padding) take
+  the custom gradient. The rest keep XLA's: for them the window of `_kernel_grad` would be
+  larger than its padded input, and XLA:CPU rewrites such a conv into a slow generic loop.
+  """
+  plain = (feature_group_count == 1 and precision is None and
+           all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) and
+           lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) ==
+           lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  same = (not isinstance(padding, str) and
+          all(lo + hi == k - 1 for (lo, hi), k in zip(padding, rhs.shape[:2])))
+  if plain and same and tuple(window_strides) == (1, 1):
+    return _conv_stride1(lhs, rhs, (1, 1), tuple(tuple(p) for p in padding))
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                  dimension_numbers, feature_group_count, precision=precision)
+
+
 def _conv(features: int, kernel: int = 3, strides: int = 1, padding: Any = None,
           use_bias: bool = False, dtype: Any = jnp.float32, init=_CONV_INIT) -> nn.Conv:
   # Explicit symmetric padding (k // 2 per side) as in the papers' code; Flax's 'SAME' pads
   # stride-2 convs on one side only.
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=kernel // 2 if padding is None else padding, use_bias=use_bias,
-                 dtype=dtype,
+                 dtype=dtype, conv_general_dilated=_conv_general_dilated,
                  kernel_init=nn.with_logical_partitioning(
                      init, (None, None, 'conv_in', 'conv_out')))
 
