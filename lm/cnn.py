@@ -33,42 +33,66 @@ _DTYPES = ('float32', 'bfloat16')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _kernel_grad(x_BxHxWxC, dy_BxHxWxO, window, padding):
-  """d loss / d kernel [kh, kw, C, O] of a stride-1 NHWC conv, as a conv over the batch.
+def _phase_taps(k: int, s: int, lo: int, n_in: int, n_out: int):
+  """Splits one spatial axis of a stride-s conv's kernel gradient into stride-1 pieces.
+
+  Tap i of the kernel reads input row s*r + i - lo for output row r. The taps that read
+  input phase e (rows e, e+s, ...) are i = first, first+s, ...; for each non-empty phase this
+  yields (e, first, padding of dy for the stride-1 correlation of that phase with dy).
+  """
+  out = []
+  for e in range(s):
+    first = (lo + e) % s
+    taps = len(range(first, k, s))
+    if taps:
+      t_max = (first - lo - e) // s + taps - 1
+      out.append((e, first, (t_max, taps - 1 + len(range(e, n_in, s)) - n_out - t_max)))
+  return out
+
+
+def _kernel_grad(x_BxHxWxC, dy_BxPxQxO, window, strides, padding):
+  """d loss / d kernel [kh, kw, C, O] of an NHWC conv, as stride-1 convs over the batch.
 
   XLA's own rule makes x the left operand, which XLA:CPU must first transpose to [C, H, W, B]
   (batch minor); it fuses that transpose with the BatchNorm/ReLU/residual chain that
   produced x and recomputes the chain with a cache-hostile read order. Here dy is the left
-  operand ([O, H, W, B]: a single materialised input) and x the kernel ([H, W, B, C], which
-  keeps C minor and is cheap to form). The window runs flipped, so the output is reversed.
+  operand ([O, P, Q, B]: a single materialised input) and x the kernel ([H, W, B, C], which
+  keeps C minor and is cheap to form). A strided conv is split into its input phases (see
+  `_phase_taps`), so no conv here is dilated (XLA:CPU runs those as slow generic loops). The
+  window runs flipped, so each piece comes out reversed.
   """
-  pads = []
-  for k, (lo, _), n_in, n_out in zip(window, padding, x_BxHxWxC.shape[1:3],
-                                     dy_BxHxWxO.shape[1:3]):
-    pads.append((k - 1 - lo, n_in - n_out + lo))
-  g_KxKxCxO = lax.conv_general_dilated(dy_BxHxWxO, x_BxHxWxC, (1, 1), pads,
+  (sh, sw), c, o = strides, x_BxHxWxC.shape[-1], dy_BxPxQxO.shape[-1]
+  rows, cols = (_phase_taps(k, s, lo, n_in, n_out) for k, s, (lo, _), n_in, n_out in zip(
+      window, strides, padding, x_BxHxWxC.shape[1:3], dy_BxPxQxO.shape[1:3]))
+  g_KxKxCxO = jnp.zeros((*window, c, o), dy_BxPxQxO.dtype)
+  for eh, ih, pad_h in rows:
+    for ew, iw, pad_w in cols:
+      piece = lax.conv_general_dilated(dy_BxPxQxO, x_BxHxWxC[:, eh::sh, ew::sw], (1, 1),
+                                       (pad_h, pad_w),
                                        dimension_numbers=('CHWN', 'IHWO', 'HWCN'))
-  return g_KxKxCxO[::-1, ::-1]
+      g_KxKxCxO = g_KxKxCxO.at[ih::sh, iw::sw].set(piece[::-1, ::-1])
+  return g_KxKxCxO
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_stride1(x, kernel, strides, padding):
+def _conv_nhwc(x, kernel, strides, padding):
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
 
-def _conv_stride1_fwd(x, kernel, strides, padding):
-  return _conv_stride1(x, kernel, strides, padding), (x, kernel)
+def _conv_nhwc_fwd(x, kernel, strides, padding):
+  return _conv_nhwc(x, kernel, strides, padding), (x, kernel)
 
 
-def _conv_stride1_bwd(strides, padding, residuals, dy):
+def _conv_nhwc_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   _, input_grad = jax.vjp(
       lambda x: lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC),
       x)
-  return input_grad(dy)[0], _kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
+  kernel_grad = _kernel_grad(x, dy, kernel.shape[:2], strides, padding)
+  return input_grad(dy)[0], kernel_grad.astype(kernel.dtype)
 
 
-_conv_stride1.defvjp(_conv_stride1_fwd, _conv_stride1_bwd)
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
 def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -76,18 +100,21 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                           precision=None):
   """lax.conv_general_dilated for nn.Conv: the same convolution, a faster kernel gradient.
 
-  Only plain stride-1 convs whose output is as large as their input ('same' padding) take
-  the custom gradient. The rest keep XLA's: for them the window of `_kernel_grad` would be
-  larger than its padded input, and XLA:CPU rewrites such a conv into a slow generic loop.
+  Plain NHWC convs whose output has ceil(input / stride) rows and columns ('same' padding)
+  take `_kernel_grad`. The rest (VALID) keep XLA's rule: there the window of
+  `_kernel_grad`'s convs would be larger than their input, and XLA:CPU rewrites such a conv
+  into a slow generic loop.
   """
   plain = (feature_group_count == 1 and precision is None and
            all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) and
            lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) ==
            lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  same = (not isinstance(padding, str) and
-          all(lo + hi == k - 1 for (lo, hi), k in zip(padding, rhs.shape[:2])))
-  if plain and same and tuple(window_strides) == (1, 1):
-    return _conv_stride1(lhs, rhs, (1, 1), tuple(tuple(p) for p in padding))
+  if plain and not isinstance(padding, str):
+    padding = tuple(tuple(p) for p in padding)
+    out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
+        lhs.shape[1:3], padding, rhs.shape[:2], window_strides)]
+    if all(m == -(-n // s) for m, n, s in zip(out, lhs.shape[1:3], window_strides)):
+      return _conv_nhwc(lhs, rhs, tuple(window_strides), padding)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision)
 
