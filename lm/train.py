@@ -128,7 +128,8 @@ class Trainer:
     self._check_config_drift()
     self.task = Task(config, workdir)
     self.steps = self.task.steps()
-    self.tx, self.lr = optim.make(config.optim, self.steps)
+    self.tx, schedule = optim.make(config.optim, self.steps)
+    self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = jax.tree.map(lambda x: x[:1], self.task.data.train_batch(0))
     self._build_state_shardings()
     self._jit_steps()
@@ -231,7 +232,13 @@ class Trainer:
     if step is not None:
       print(f'resuming from {self.ckpt.directory}/{step}', flush=True)
       return checkpoint.restore(self.ckpt, step, self.abstract_state)
-    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    return self._fresh_state()
+
+  def _fresh_state(self):
+    # Runs once, so compile it fast: XLA's backend optimisations would take longer (2.4 s
+    # against 1.1 s for the small LM on CPU) than they could ever save.
+    init = jax.jit(self._init, out_shardings=self.state_shardings,
+                   compiler_options={'xla_backend_optimization_level': 0})
     return init(jax.random.key(self.config.seed))
 
   # --- evaluation ---------------------------------------------------------------------------
@@ -374,8 +381,7 @@ class Trainer:
     print(f'non-finite loss at step {bad.step}: rolling back to checkpoint {last} and '
           f'skipping that batch (steps skipped so far: {self._skipped()})', flush=True)
     if last is None:
-      return jax.jit(self._init, out_shardings=self.state_shardings)(
-          jax.random.key(self.config.seed))
+      return self._fresh_state()
     return checkpoint.restore(self.ckpt, last, self.abstract_state)
 
   def _nonfinite_message(self, bad: '_NonFinite', rollbacks: int) -> str:
@@ -456,7 +462,7 @@ class _StepLog:
     if self.trainer.is_main:
       print(f'step {step}: ' + '  '.join(f'{k} {v:.4f}' for k, v in results.items()),
             flush=True)
-    self.t0 = time.perf_counter()  # Eval time is not step time.
+    self.t0, self.n = time.perf_counter(), 0  # Eval time is not step time.
 
 
 def _write_atomic(path: str, text: str) -> None:

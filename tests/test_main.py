@@ -71,3 +71,49 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
                  'per device: params', 'predicted step time'):
     assert needle in result.stdout
   assert not (tmp_path / 'x').exists()
+
+
+def _device_count(monkeypatch, cores, **overrides):
+  from lm import config as base  # pylint: disable=g-import-not-at-top
+  from lm import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(cores)))
+  for var in ('LM_NUM_PROCESSES', 'SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS'):
+    monkeypatch.delenv(var, raising=False)
+  c = base.get_config()
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    c[section][field] = value
+  return main._cpu_device_count(c)  # pylint: disable=protected-access
+
+
+def test_cpu_host_is_split_one_device_per_core_when_the_batch_divides(monkeypatch):
+  assert _device_count(monkeypatch, 2, train__batch_size=12) == 2
+  assert _device_count(monkeypatch, 8, train__batch_size=12) == 6  # Largest that divides 12.
+  assert _device_count(monkeypatch, 4, train__batch_size=7) == 1
+  assert _device_count(monkeypatch, 4, train__batch_size=8, train__grad_accum_steps=4) == 2
+  assert _device_count(monkeypatch, 4, train__batch_size=8, mesh__cpu_devices=1) == 1
+  # A fixed mesh gets exactly its size; a partly fixed one a multiple of it.
+  assert _device_count(monkeypatch, 8, mesh__data=2) == 2
+  assert _device_count(monkeypatch, 8, train__batch_size=16, mesh__tensor=2) == 8
+  assert _device_count(monkeypatch, 3, train__batch_size=16, mesh__tensor=2) == 2
+
+
+def test_cpu_split_is_off_with_several_processes(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(4)))
+  from lm import config as base  # pylint: disable=g-import-not-at-top
+  from lm import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('LM_NUM_PROCESSES', '2')
+  assert main._cpu_device_count(base.get_config()) == 1  # pylint: disable=protected-access
+
+
+def test_negative_cpu_devices_is_a_clear_error(tmp_path):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.mesh.cpu_devices=-2')
+  assert result.returncode == 2 and 'mesh.cpu_devices=-2' in result.stderr
+
+
+def test_default_run_splits_this_cpu_per_core(tmp_path):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--dry_run')
+  assert result.returncode == 0, result.stderr
+  cores = len(os.sched_getaffinity(0))
+  expected = max(n for n in range(1, cores + 1) if 8 % n == 0)  # TINY's batch is 8.
+  assert f'mesh: data={expected}, fsdp=1, tensor=1' in result.stdout
