@@ -22,8 +22,9 @@ The load average is recorded at the start of every run.
 
 Data: `--data_dir` (default ../shared/tfds beside the repository), capped at
 `--max_examples` images per split so that loading takes seconds; batches then repeat, which
-does not change the cost of a step. XLA flags come from the environment (XLA_FLAGS) and are
-printed with the result.
+does not change the cost of a step. Our side splits the CPU into devices as `lm.main` does
+(one per core, data parallel) unless XLA_FLAGS sets a device count; the device count and
+XLA flags are printed with the result.
 """
 
 import argparse
@@ -277,6 +278,11 @@ def _machine() -> str:
   return f'{name}, {os.cpu_count()} CPUs'
 
 
+def _jax_devices() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)'
+
+
 def _versions(torch_version: str) -> str:
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -307,13 +313,14 @@ def report(args, results: dict, batches: dict, torch_version: str) -> str:
       ratio_ref = ours['median_ms'] if ours and impl != 'ours' else None
       label = 'ours (JAX, jitted Trainer.train_step)' if impl == 'ours' else f'PyTorch {impl}'
       lines.append(_row(model, batches[model], label, r, ratio_ref))
-  flags = os.environ.get('XLA_FLAGS', '')
+  flags = os.environ.get('XLA_FLAGS', '').strip()
   omp = args.omp_wait_policy or 'unset'
   lines += [
       '',
       f'Command: `{" ".join([os.path.relpath(sys.executable, REPO_ROOT)] + sys.argv)}`' +
       (f' with XLA_FLAGS="{flags}"' if flags else ''),
-      f'Machine: {_machine()}; date: {datetime.datetime.now().isoformat(timespec="minutes")}',
+      f'Machine: {_machine()}; ours on {_jax_devices()}; '
+      f'date: {datetime.datetime.now().isoformat(timespec="minutes")}',
       f'Versions: {_versions(torch_version)}',
       f'Best median of {args.rounds} interleaved runs per row; "ours / this" > 1 means ours is '
       'faster. Our step includes host batch assembly (train_batch + to_global) where it does '
@@ -330,7 +337,20 @@ def main(argv=None):
     return
   models = [m for m in args.models.split(',') if m]
   formats = [f for f in args.torch_formats.split(',') if f]
+  if len(models) > 1 and args.only != 'torch':
+    # The CPU device split is fixed when JAX starts and differs between experiments, so each
+    # model gets its own process.
+    rest = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('--models')]
+    for model in models:
+      subprocess.run([sys.executable, os.path.abspath(__file__), f'--models={model}', *rest],
+                     check=True)
+    return
   results, batches, torch_version = {}, {}, 'not run'
+  if args.only != 'torch':
+    # The device split `python -m lm.main` picks for this config (one per core when the batch
+    # divides, unless mesh.cpu_devices says otherwise); an XLA_FLAGS device count wins.
+    from lm import config as lm_config  # pylint: disable=g-import-not-at-top
+    lm_config.split_cpu_devices(load_config(models[0], args.data_dir, args.max_examples))
   for model in models:
     config = load_config(model, args.data_dir, args.max_examples)
     batches[model] = config.train.batch_size

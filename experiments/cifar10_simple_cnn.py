@@ -1,17 +1,18 @@
-"""CIFAR-10 with the TensorFlow CNN tutorial's seed network, trained as the tutorial does.
+"""CIFAR-10 with the TensorFlow CNN tutorial's seed network and recipe, plus crops and flips.
 
   python -m lm.main --config=experiments/cifar10_simple_cnn.py --workdir=/tmp/cifar_cnn \
       --config.data.data_dir=../shared/tfds
 
 Conv32-MaxPool-Conv64-MaxPool-Conv64-Dense64-Dense10 (122,570 params), Adam lr 1e-3 constant
-(Keras defaults: beta2 0.999, eps 1e-7), batch 32, 10 epochs, no augmentation; 10% of train
-held out for validation, test evaluated at the end.
+(Keras defaults: beta2 0.999, eps 1e-7), batch 32, 10 epochs; 10% of train held out for
+validation, test evaluated at the end. One addition to the tutorial: random crops (4-pixel
+padding) and flips, because without them the net overfits after epoch 6 (68.6% test).
 Reference: the tutorial reports test accuracy above 70% (TF's "Convolutional Neural Network"
-tutorial, which trains on all 50,000 images).
-Result on CIFAR-10 (JPEG stand-in), 2026-11-23, the command above on the 2-core CPU (shared
-with other jobs, load average ~5): test accuracy 68.6% (best validation 69.6% at epoch 6, 68.3%
-at epoch 10), 20 min 8 s wall. Below the tutorial's >70%: the net overfits after epoch 6 and
-the JPEG stand-in costs some accuracy; an earlier run with Kaiming init gave 67.6%.
+tutorial, which trains on all 50,000 images, without augmentation).
+Result on CIFAR-10 (JPEG stand-in), 2026-11-23, the command above on the 2-core CPU (AMD
+EPYC, quiet): test accuracy 71.8% (validation 71.7%), 4 min 54 s wall, ~1,970 images/s.
+Without augmentation (--config.data.augment=False): 68.6% test (best validation 69.6% at
+epoch 6), measured earlier the same day.
 """
 
 from lm import config as base
@@ -20,9 +21,11 @@ from lm import config as base
 def get_config():
   c = base.get_config()
   c.task = 'classify'
-  c.data.update(name='cifar10', data_dir='', val_fraction=0.1, augment=False, cutout=0,
+  c.data.update(name='cifar10', data_dir='', val_fraction=0.1, augment=True, cutout=0,
                 eval_split='validation', test_split='test')
   c.model.update(name='simple_cnn', num_classes=10, dtype='float32')
+  # Its step is too small to split: one CPU device runs it faster than one per core.
+  c.mesh.cpu_devices = 1
   # 45,000 / 32 = 1,406 steps per epoch: evaluate and checkpoint once an epoch.
   c.train.update(epochs=10, batch_size=32, log_every=200, eval_every=1406,
                  checkpoint_every=1406, label_smoothing=0.0)

@@ -119,3 +119,47 @@ def load(path: str) -> ml_collections.ConfigDict:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def cpu_device_count(config) -> int:
+  """How many XLA devices a CPU-only host is split into for this config.
+
+  A fixed mesh larger than one device gets that many (so it also runs on a laptop). A mesh
+  left to fill (-1) gets one device per core when the batch divides, unless
+  `mesh.cpu_devices` says otherwise; several processes on one host keep one device each.
+  """
+  mesh, train = config.mesh, config.train
+  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+  fixed = 1
+  for s in sizes:
+    fixed *= max(s, 1)
+  if -1 not in sizes or _num_processes() > 1:
+    return fixed
+  if mesh.cpu_devices < 0:
+    raise ConfigError(f'mesh.cpu_devices={mesh.cpu_devices} must be >= 0 (0 = one per core)')
+  if mesh.cpu_devices:
+    return mesh.cpu_devices
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  eval_batch = config.data.get('eval_batch_size', 0) or train.batch_size
+  for n in range(max(cores, 1), 0, -1):
+    shards = n // max(mesh.tensor, 1)  # Devices that split the batch.
+    if (n % fixed == 0 and train.batch_size % (shards * train.grad_accum_steps) == 0
+        and eval_batch % shards == 0):
+      return n
+  return fixed
+
+
+def _num_processes() -> int:
+  return max(int(os.environ.get('LM_NUM_PROCESSES', '1')),
+             int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))))
+
+
+def split_cpu_devices(config):
+  """Sets the CPU device count before JAX starts; an explicit XLA_FLAGS count wins.
+
+  Only the CPU backend reads this flag, so accelerators are unaffected.
+  """
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  count = cpu_device_count(config)
+  if count > 1 and 'xla_force_host_platform_device_count' not in xla_flags:
+    os.environ['XLA_FLAGS'] = f'{xla_flags} --xla_force_host_platform_device_count={count}'

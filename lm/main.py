@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lm.config import ConfigError
+from lm.config import ConfigError, split_cpu_devices
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
@@ -29,50 +29,6 @@ _PLAN_DEVICE = flags.DEFINE_string('plan_device', '', '--dry_run: predict the st
 def _fail(message: str, code: int = 2):
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
-
-
-def _cpu_device_count(config) -> int:
-  """How many XLA devices a CPU-only host is split into for this config.
-
-  A fixed mesh larger than one device gets that many (so it also runs on a laptop). A mesh
-  left to fill (-1) gets one device per core when the batch divides, unless
-  `mesh.cpu_devices` says otherwise; several processes on one host keep one device each.
-  """
-  mesh, train = config.mesh, config.train
-  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
-  fixed = 1
-  for s in sizes:
-    fixed *= max(s, 1)
-  if -1 not in sizes or _num_processes() > 1:
-    return fixed
-  if mesh.cpu_devices < 0:
-    raise ConfigError(f'mesh.cpu_devices={mesh.cpu_devices} must be >= 0 (0 = one per core)')
-  if mesh.cpu_devices:
-    return mesh.cpu_devices
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  eval_batch = config.data.get('eval_batch_size', 0) or train.batch_size
-  for n in range(max(cores, 1), 0, -1):
-    shards = n // max(mesh.tensor, 1)  # Devices that split the batch.
-    if (n % fixed == 0 and train.batch_size % (shards * train.grad_accum_steps) == 0
-        and eval_batch % shards == 0):
-      return n
-  return fixed
-
-
-def _num_processes() -> int:
-  return max(int(os.environ.get('LM_NUM_PROCESSES', '1')),
-             int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))))
-
-
-def _split_cpu(config):
-  """Sets the CPU device count before JAX starts; an explicit XLA_FLAGS count wins.
-
-  Only the CPU backend reads this flag, so accelerators are unaffected.
-  """
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  count = _cpu_device_count(config)
-  if count > 1 and 'xla_force_host_platform_device_count' not in xla_flags:
-    os.environ['XLA_FLAGS'] = f'{xla_flags} --xla_force_host_platform_device_count={count}'
 
 
 def _maybe_initialize_distributed():
@@ -128,7 +84,7 @@ def run(argv) -> int:
     _fail('--workdir is required, e.g. --workdir=/tmp/run')
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    _split_cpu(config)
+    split_cpu_devices(config)
   except ConfigError as e:
     _fail(str(e))
   _maybe_initialize_distributed()

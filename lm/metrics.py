@@ -82,7 +82,10 @@ class Writer:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      try:
+        self._jsonl.close()
+      except OSError:  # A full disk: the failed write already raised and was reported.
+        pass
       if self._tb is not None:
         self._tb.close()
 

@@ -75,7 +75,6 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
 
 def _device_count(monkeypatch, cores, **overrides):
   from lm import config as base  # pylint: disable=g-import-not-at-top
-  from lm import main  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(cores)))
   for var in ('LM_NUM_PROCESSES', 'SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS'):
     monkeypatch.delenv(var, raising=False)
@@ -83,7 +82,7 @@ def _device_count(monkeypatch, cores, **overrides):
   for key, value in overrides.items():
     section, field = key.split('__')
     c[section][field] = value
-  return main._cpu_device_count(c)  # pylint: disable=protected-access
+  return base.cpu_device_count(c)
 
 
 def test_cpu_host_is_split_one_device_per_core_when_the_batch_divides(monkeypatch):
@@ -101,9 +100,8 @@ def test_cpu_host_is_split_one_device_per_core_when_the_batch_divides(monkeypatc
 def test_cpu_split_is_off_with_several_processes(monkeypatch):
   monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(4)))
   from lm import config as base  # pylint: disable=g-import-not-at-top
-  from lm import main  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('LM_NUM_PROCESSES', '2')
-  assert main._cpu_device_count(base.get_config()) == 1  # pylint: disable=protected-access
+  assert base.cpu_device_count(base.get_config()) == 1
 
 
 def test_negative_cpu_devices_is_a_clear_error(tmp_path):
