@@ -21,8 +21,11 @@ def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=True,
                                          cleanup_tmp_directories=True)
+  # The handler named up front lets item_metadata() read a checkpoint's tree before any
+  # restore, which restoring onto a different device count (sampling on one device what
+  # training wrote on several) needs.
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -64,7 +67,8 @@ def restore_for_inference(workdir: str):
     state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError, OSError) as e:
     raise ConfigError(f'checkpoint {mngr.directory}/{step} cannot be restored '
-                      f'({type(e).__name__}); it may be corrupt') from e
+                      f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                      'it may be corrupt') from e
   mngr.close()
   params = state['ema_params'] if state.get('ema_params') is not None else state['params']
   return config, jax.tree.map(np.asarray, params)

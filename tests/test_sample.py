@@ -2,6 +2,9 @@
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -97,3 +100,22 @@ def test_bad_sampling_arguments_are_config_errors():
                          ({'temperature': 1.0, 'top_k': 99}, 'top_k')):
     with pytest.raises(ConfigError, match=needle):
       sample.generate(model, params, np.array([1]), 4, rng=jax.random.key(0), **kwargs)
+
+
+def test_cli_samples_on_one_device_what_several_trained(tmp_path):
+  """lm.main splits the CPU into devices; lm.sample restores onto one."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  config = os.path.join(root, 'tests', 'tiny_config.py')
+  trained = subprocess.run(
+      [sys.executable, '-m', 'lm.main', f'--config={config}', f'--workdir={tmp_path}',
+       '--config.train.steps=10', '--config.mesh.data=2'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr
+  sampled = subprocess.run(
+      [sys.executable, '-m', 'lm.sample', f'--workdir={tmp_path}', '--prompt=ROMEO:',
+       '--max_new_tokens=20', '--seed=0'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert sampled.returncode == 0, sampled.stderr
+  assert sampled.stdout.startswith('ROMEO:') and len(sampled.stdout.strip()) >= 20
