@@ -5,9 +5,8 @@
 
 This recipe: 12 epochs on all 50,000 training images (evaluated on test), batch 256, SGD
 Nesterov 0.9, one-cycle (cosine) to a peak lr of 0.2 after 2 epochs, L2 5e-4 (not on BN),
-label smoothing 0.1, random crop (4-pixel zero padding) and flip. A jitted ResNet-20 training
-step ran at ~180 images/s on a shared 2-core CPU, so 12 epochs take about 56 minutes plus
-evaluation. It aims at 90%; --config.train.epochs=20 is the surer route if time allows.
+label smoothing 0.1, random crop (4-pixel zero padding) and flip. It aims at 90%; the
+published schedule below is the one that gets there.
 
 The published schedule (He et al. 2016, Sec. 4.2): 64k iterations (~164 epochs) at batch 128,
 lr 0.1 divided by 10 at 32k and 48k, momentum 0.9, weight decay 1e-4, no label smoothing:
@@ -16,11 +15,10 @@ lr 0.1 divided by 10 at 32k and 48k, momentum 0.9, weight decay 1e-4, no label s
       --config.optim.warmup_steps=0 --config.optim.lr=0.1 --config.optim.nesterov=False \
       --config.optim.weight_decay=1e-4 --config.train.label_smoothing=0
 Reference: 91.25% test accuracy (8.75% error) with that schedule.
-Hardware / wall time / result on CIFAR-10 (JPEG stand-in): not yet measured. A run of the
-command above on 2026-11-23 shared the 2-core CPU with other jobs (load average ~7) and
-trained at 62 images/s, which projected 2.6 h for 12 epochs, so it was stopped (SIGTERM,
-checkpointed) after 60 steps. It needs a quiet CPU (~180 images/s measured in isolation) or
-an accelerator.
+Result on CIFAR-10 (JPEG stand-in), 2026-11-23, the command above on the 2-core CPU (AMD
+EPYC, otherwise idle; two CPU devices): 83.5% test accuracy after 12 epochs, 38 min 29 s wall
+(~290 images/s). Test accuracy every 2 epochs: 46, 57, 68, 74, 82, 83.5%; still rising at
+the end, so --config.train.epochs=20 (~65 min here) should land higher. Below the 90% aim.
 """
 
 from lm import config as base

@@ -3,7 +3,9 @@
   python -m lm.main --config=experiments/quickstart.py --workdir=/tmp/run
 
 Runs anywhere: no download and no shared data, since every machine with Python has the corpus.
-Result: see README.md (results table).
+Result, 2026-11-23 on a 2-core CPU: 2.10 bits per byte on the held-out files after 1500 steps
+(uniform: 8), 3 min 55 s wall; `python -m lm.sample --workdir=/tmp/run --prompt="def "` then
+writes Python-shaped text (indented blocks, docstrings, raise ValueError(...)).
 """
 
 import os

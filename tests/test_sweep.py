@@ -250,12 +250,14 @@ def test_sweep_killed_half_way_restarts_without_losing_or_repeating_trials(tmp_p
   while len(list(sw.glob('*/DONE'))) < 2:
     assert first.poll() is None and time.time() < deadline, first.stdout.read()
     time.sleep(0.5)
-  first.send_signal(signal.SIGTERM)  # Mid-sweep: trials 2 and 3 have just started.
+  first.send_signal(signal.SIGTERM)  # Mid-sweep: trials 2 and 3 are (usually) running.
   out1, _ = first.communicate(timeout=120)
   assert first.returncode == 130, out1
   finished = {p.parent.name: (p.stat().st_mtime_ns, (p.parent / 'metrics.jsonl').read_text())
               for p in sw.glob('*/DONE')}
-  assert len(finished) == 2, out1
+  # A trial can finish between the second DONE and the signal; the point is that the sweep
+  # stopped part-way and the restart neither repeats nor loses a trial.
+  assert 2 <= len(finished) < 4, out1
 
   second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stdout + second.stderr
