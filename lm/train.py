@@ -243,12 +243,19 @@ class Trainer:
                    compiler_options={'xla_backend_optimization_level': 0})
     return init(jax.random.key(self.config.seed))
 
+  def abstract_batch(self) -> dict:
+    """Shapes and dtypes of one global training batch, to compile the step without data."""
+    # With its sharding, so the executable compiled from it is the one the first step reuses.
+    batch_sh = sharding.batch_sharding(self.mesh)
+    return {k: jax.ShapeDtypeStruct((self.config.train.batch_size,) + v.shape[1:], v.dtype,
+                                    sharding=batch_sh)
+            for k, v in self.example.items()}
+
   def _compile_train_step(self):
     """Compiles the step before the state exists, so the compiler's scratch memory (270 MiB
     for the Shakespeare model on CPU, more than everything else) is not stacked on top of it;
     `jit` keeps the executable for the first call."""
-    batch = sharding.to_global(self.task.data.train_batch(0), self.mesh)
-    self.train_step.lower(self.abstract_state, batch).compile()
+    self.train_step.lower(self.abstract_state, self.abstract_batch()).compile()
     _return_freed_memory()
 
   # --- evaluation ---------------------------------------------------------------------------

@@ -53,6 +53,16 @@ def test_resume_is_exact(tmp_path):
   assert [a[s] for s in range(1, 41)] == [b[s] for s in range(1, 41)]  # To the last bit.
 
 
+def test_train_step_compiles_once(tmp_path, caplog):
+  """The step compiled ahead of the state (to keep the compiler's memory off the peak) is
+  the executable the loop runs: no second compile at the first step."""
+  trainer = train.Trainer(tiny(**{'train.steps': 6}), str(tmp_path))
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    trainer.run()
+  compiles = [r for r in caplog.records if 'compilation of jit(train_step)' in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage() for r in compiles]
+
+
 # Recorded 2026-11-23 on CPU (jax 0.10.2). Update these only when a change is *meant* to alter
 # the numbers (a new init, model formulation, data order or optimizer), and say so in the
 # commit; an unexplained change here means training silently changed.
