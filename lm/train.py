@@ -251,12 +251,18 @@ class Trainer:
                                     sharding=batch_sh)
             for k, v in self.example.items()}
 
-  def _compile_train_step(self):
-    """Compiles the step before the state exists, so the compiler's scratch memory (270 MiB
-    for the Shakespeare model on CPU, more than everything else) is not stacked on top of it;
-    `jit` keeps the executable for the first call."""
+  def compile_and_init(self):
+    """Compiles the train step, then creates (or restores) the state it starts from.
+
+    In that order, so the compiler's scratch memory (270 MiB for the Shakespeare model on
+    CPU, more than everything else) is handed back before the state exists instead of stacking
+    on top of it; `jit` keeps the executable for the first step.
+    """
     self.train_step.lower(self.abstract_state, self.abstract_batch()).compile()
     _return_freed_memory()
+    state = self.initial_state()
+    _return_freed_memory()
+    return state
 
   # --- evaluation ---------------------------------------------------------------------------
 
@@ -303,9 +309,7 @@ class Trainer:
   def run(self, stop_after: int | None = None) -> dict:
     """Trains to train.steps; `stop_after` stops early with a checkpoint, as a preemption would."""
     self._write_workdir()
-    self._compile_train_step()
-    state = self.initial_state()
-    _return_freed_memory()
+    state = self.compile_and_init()
     writer = metrics_lib.Writer(self.workdir, self.is_main)
     flops = self.task.flops_per_step(
         {'params': state.params, **state.model_state}, jnp.asarray(self.example['inputs']))
