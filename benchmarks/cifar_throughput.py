@@ -238,7 +238,7 @@ class Ours:
     from lm import train  # pylint: disable=g-import-not-at-top
     self._workdir = tempfile.TemporaryDirectory(prefix='cifar_throughput_')
     self.trainer = train.Trainer(config, self._workdir.name)
-    self.state = self.trainer.initial_state()
+    self.state = self.trainer.compile_and_init()  # As Trainer.run() starts.
     self.next_step = 0
 
   def run(self, warmup: int, steps: int) -> dict:
