@@ -455,7 +455,7 @@ class _StepLog:
     self.trainer, self.writer, self.flops = trainer, writer, flops
     self.peak = metrics_lib.peak_flops_per_device() * jax.device_count()
     self.progress = metrics_lib.Progress(trainer.steps, trainer.task.unit, trainer.is_main)
-    self.losses, self.t0, self.n = [], None, 0
+    self.losses, self.accuracies, self.t0, self.n = [], [], None, 0
 
   def record(self, step: int, m) -> None:
     m = jax.device_get(m)
@@ -463,6 +463,7 @@ class _StepLog:
       self.t0 = None
       raise _NonFinite(step, m)
     self.losses.append(float(m['loss']))
+    self.accuracies.append(float(m['accuracy']))
     now = time.perf_counter()
     if self.t0 is None:  # Time from the end of the first step, which compiles.
       self.t0 = now
@@ -471,8 +472,9 @@ class _StepLog:
     done, t = step + 1, self.trainer
     if done % t.config.train.log_every and done != t.steps:
       return
+    # Loss and accuracy are means over the steps since the last row; the rest is this step's.
     loss = float(np.mean(self.losses))
-    row = {'train/loss': loss, 'train/accuracy': float(m['accuracy']),
+    row = {'train/loss': loss, 'train/accuracy': float(np.mean(self.accuracies)),
            'train/grad_norm': float(m['grad_norm']), 'train/lr': float(t.lr(step))}
     if self.n:
       step_s = (now - self.t0) / self.n
@@ -482,7 +484,7 @@ class _StepLog:
                   'perf/mfu': self.flops / step_s / self.peak})
       self.progress.update(done, loss, per_s, step_s)
     self.writer.write(done, row)
-    self.losses, self.t0, self.n = [], now, 0
+    self.losses, self.accuracies, self.t0, self.n = [], [], now, 0
 
   def write_eval(self, step: int, results: dict) -> None:
     self.writer.write(step, results)

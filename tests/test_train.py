@@ -2,12 +2,14 @@
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from lm import config as config_lib
+from lm import metrics as metrics_lib
 from lm import sharding
 from lm import train
 
@@ -79,3 +81,19 @@ def test_golden_first_steps():
     state, metrics = trainer.train_step(state, sharding.to_global(batch, trainer.mesh))
     got.append(float(metrics['loss']))
   np.testing.assert_allclose(got, GOLDEN_LOSSES, rtol=1e-5)
+
+
+def test_step_log_rows_average_loss_and_accuracy_over_the_window(tmp_path):
+  # A row every 2 steps: its loss and accuracy are the means of those 2 steps, not the last.
+  trainer = types.SimpleNamespace(
+      steps=4, is_main=False, config=types.SimpleNamespace(train=types.SimpleNamespace(
+          log_every=2)), task=types.SimpleNamespace(unit='img', items_per_step=8),
+      lr=lambda step: 0.1)
+  writer = metrics_lib.Writer(str(tmp_path))
+  log = train._StepLog(trainer, writer, flops=1.0)
+  for step, (loss, accuracy) in enumerate([(2.0, 0.0), (1.0, 0.5), (1.0, 0.25), (0.5, 0.75)]):
+    log.record(step, {'finite': True, 'loss': loss, 'accuracy': accuracy, 'grad_norm': 1.0})
+  writer.close()
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['step'], r['train/loss'], r['train/accuracy']) for r in rows] == [
+      (2, 1.5, 0.25), (4, 0.75, 0.5)]
