@@ -7,7 +7,10 @@
 settings of PyTorch's CIFAR-10 tutorial); 10% of train held out for validation, test at the end.
 Reference: none published for this exact net; fully connected nets on CIFAR-10 pixels are
 known to plateau far below CNNs.
-Hardware / wall time / result on CIFAR-10 (JPEG stand-in): not yet run.
+Result on CIFAR-10 (JPEG stand-in), 2026-11-23 16:27, the command above on the 2-core CPU
+(AMD EPYC, one CPU device: batch 4 does not split): 47.6% test accuracy (47.4% validation;
+44.2% after epoch 1), 2 min 38 s wall, ~660 images/s, peak RSS 905 MiB. The "about 50%"
+expected of this seed example; far below any CNN here.
 """
 
 from lm import config as base
