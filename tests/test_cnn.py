@@ -166,3 +166,37 @@ def test_batch_norm_over_a_batch_sharded_on_8_devices_matches_one_device():
   # Sharded BN statistics are a cross-device reduction: same numbers up to summation order.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                one, eight)
+
+
+@pytest.mark.parametrize('size,channels,kernel,strides,padding', [
+    (8, 3, 3, 1, 1),       # a stem: 3 input channels
+    (8, 4, 3, 2, 1),       # a strided 3x3 conv on an even input: four phases
+    (7, 4, 3, 2, 1),       # ... on an odd one
+    (9, 2, 3, (2, 1), 1),  # different strides per axis
+    (8, 4, 1, 2, 0),       # a 1x1 projection shortcut
+    (6, 2, 5, 1, 2),       # a larger window
+    (6, 2, 3, 1, 'VALID'),  # VALID: XLA's own rule
+])
+def test_conv_gradients_match_xla(size, channels, kernel, strides, padding):
+  """The convs' custom kernel gradient (`cnn._kernel_grad`) equals XLA's, as does all else."""
+  conv = nn.Conv(5, (kernel, kernel), strides=strides, padding=padding,
+                 conv_general_dilated=cnn._conv_general_dilated)
+  reference = conv.clone(conv_general_dilated=jax.lax.conv_general_dilated)
+  x = jax.random.normal(jax.random.key(0), (3, size, size + 1, channels))
+  params = conv.init(jax.random.key(1), x)
+  dy = jax.random.normal(jax.random.key(2), conv.apply(params, x).shape)
+
+  def grads(module):
+    y, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+    return y, *vjp(dy)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               grads(conv), grads(reference))
+
+
+def test_max_pool_2x2_matches_flax_and_routes_the_gradient_to_the_max():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))  # an odd row is dropped, as VALID
+  np.testing.assert_array_equal(cnn._max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  g_ours = jax.grad(lambda x: cnn._max_pool_2x2(x).sum())(x)
+  g_flax = jax.grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)).sum())(x)
+  np.testing.assert_array_equal(g_ours, g_flax)  # No ties in random normals.
