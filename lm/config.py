@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'       # Compute dtype ('bfloat16' on accelerators); params stay float32.
   c.model.remat = False           # Rematerialise each block in the backward pass.
   c.model.num_classes = 10        # classify: number of classes.
-  c.model.width = 1               # classify: width multiplier where the model has one.
+  c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.
@@ -133,7 +133,7 @@ def cpu_device_count(config) -> int:
   fixed = 1
   for s in sizes:
     fixed *= max(s, 1)
-  if -1 not in sizes or _num_processes() > 1:
+  if -1 not in sizes or num_processes() > 1:
     return fixed
   if mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices={mesh.cpu_devices} must be >= 0 (0 = one per core)')
@@ -149,7 +149,8 @@ def cpu_device_count(config) -> int:
   return fixed
 
 
-def _num_processes() -> int:
+def num_processes() -> int:
+  """Processes this run has, from the environment of launch.local (LM_*) or of Slurm."""
   return max(int(os.environ.get('LM_NUM_PROCESSES', '1')),
              int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))))
 

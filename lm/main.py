@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lm.config import ConfigError, split_cpu_devices
+from lm.config import ConfigError, num_processes, split_cpu_devices
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
@@ -32,16 +32,16 @@ def _fail(message: str, code: int = 2):
 
 
 def _maybe_initialize_distributed():
+  if num_processes() == 1:
+    return
   import jax  # pylint: disable=g-import-not-at-top
-  if int(os.environ.get('LM_NUM_PROCESSES', '1')) > 1:
-    if jax.config.jax_platforms in (None, '', 'cpu') or os.environ.get('JAX_PLATFORMS') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Only CPU collectives.
+  if int(os.environ.get('LM_NUM_PROCESSES', '1')) > 1:  # launch.local
     jax.distributed.initialize(
         coordinator_address=os.environ['LM_COORDINATOR'],
         num_processes=int(os.environ['LM_NUM_PROCESSES']),
         process_id=int(os.environ['LM_PROCESS_ID']))
-  elif int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))) > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  else:
     jax.distributed.initialize()  # Reads the Slurm environment.
 
 

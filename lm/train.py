@@ -267,12 +267,27 @@ class Trainer:
   # --- evaluation ---------------------------------------------------------------------------
 
   def evaluate(self, state, split: str, prefix: str = 'eval') -> dict:
+    """The split's loss and accuracy (and per-class report) under `params` or their EMA.
+
+    Like the training loop, this reads each batch's sums one step late, so at most two eval
+    steps are in flight, and adds them up on the host in float64. Dispatching the whole split
+    at once deadlocked XLA:CPU with two devices on two cores (an all-reduce waited forever for
+    a device whose launch was queued behind the others; lm.main splits CPUs so by default).
+    """
     params = state.ema_params if state.ema_params is not None else state.params
-    totals = None
+    totals, pending = None, None
+
+    def add(sums):
+      nonlocal totals
+      sums = jax.tree.map(_widen, jax.device_get(sums))
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+
     for batch in self.task.eval_batches(split):
       sums = self.eval_step(params, state.model_state, sharding.to_global(batch, self.mesh))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+      if pending is not None:
+        add(pending)
+      pending = sums
+    add(pending)
     out = self.task.summarize_eval(totals, split, prefix)
     if 'confusion' in totals and self.is_main:
       self._report_classes(totals['confusion'], prefix, out)
@@ -492,6 +507,12 @@ class _StepLog:
       print(f'step {step}: ' + '  '.join(f'{k} {v:.4f}' for k, v in results.items()),
             flush=True)
     self.t0, self.n = time.perf_counter(), 0  # Eval time is not step time.
+
+
+def _widen(x) -> np.ndarray:
+  """float64 for floats, so that sums over many batches do not lose precision."""
+  x = np.asarray(x)
+  return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
 
 
 def _return_freed_memory() -> None:

@@ -70,6 +70,8 @@ def test_width_and_num_classes_reach_the_model():
                                                           num_classes=100)))
   assert logits.shape == (2, 100)
   assert variables['params']['Dense_0']['kernel'].shape == (128, 100)
+  variables, _ = _abstract_init(cnn.build(_model_cfg('resnet20', width=0.5)))  # A fraction.
+  assert variables['params']['Dense_0']['kernel'].shape == (32, 10)
 
 
 @pytest.mark.parametrize('overrides, match', [
