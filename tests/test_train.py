@@ -97,3 +97,28 @@ def test_step_log_rows_average_loss_and_accuracy_over_the_window(tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert [(r['step'], r['train/loss'], r['train/accuracy']) for r in rows] == [
       (2, 1.5, 0.25), (4, 0.75, 0.5)]
+
+
+def test_evaluate_reads_each_batch_before_dispatching_two_more(tmp_path, monkeypatch):
+  """At most two eval steps in flight, as in training: queuing a whole split of them
+  deadlocked XLA:CPU's multi-device runtime on a 2-core host."""
+  trainer = train.Trainer(tiny(**{'train.eval_batches': 6}), str(tmp_path))
+  state = trainer.compile_and_init()
+  in_flight, peak = [], []
+  eval_step, device_get = trainer.eval_step, jax.device_get
+
+  def counting_step(*args):
+    out = eval_step(*args)
+    in_flight.append(out)
+    peak.append(len(in_flight))
+    return out
+
+  def reading(x):
+    in_flight[:] = [y for y in in_flight if y is not x]
+    return device_get(x)
+
+  trainer.eval_step = counting_step
+  monkeypatch.setattr(jax, 'device_get', reading)
+  result = trainer.evaluate(state, 'eval')
+  assert len(peak) == 6 and max(peak) == 2 and not in_flight
+  assert result['eval/loss'] > 0
