@@ -1,7 +1,8 @@
 """launch.slurm: the rendered script, job-state parsing, and real jobs on a one-node Slurm.
 
-The real-Slurm tests need `sinfo` (CI starts a cluster with .ci/slurm.sh). Without it they
-skip, unless LM_REQUIRE_SLURM=1, which CI sets so that a broken cluster cannot pass silently.
+The real-Slurm tests need a cluster that answers `sinfo` (CI starts one with .ci/slurm.sh).
+Without one they skip, unless LM_REQUIRE_SLURM=1, which CI sets so that a broken cluster
+cannot pass silently.
 """
 
 import json
@@ -120,9 +121,21 @@ def test_sweep_array_runs_unfinished_trials_through_launch_sweep(tmp_path):
 
 # --- a real cluster --------------------------------------------------------------------------
 
+def _controller_answers() -> bool:
+  """Whether `sinfo` is here and reaches a controller (a client alone is not a cluster)."""
+  if not shutil.which('sinfo'):
+    return False
+  try:
+    return subprocess.run(['sinfo', '-h'], capture_output=True, timeout=30,
+                          check=False).returncode == 0
+  except subprocess.TimeoutExpired:
+    return False
+
+
 needs_slurm = pytest.mark.skipif(
-    not shutil.which('sinfo') and not os.environ.get('LM_REQUIRE_SLURM'),
-    reason='no Slurm here (sinfo not found); CI runs these after `bash .ci/slurm.sh`')
+    not os.environ.get('LM_REQUIRE_SLURM') and not _controller_answers(),
+    reason='no Slurm cluster here (sinfo missing or no controller answers); CI runs these '
+           'after `bash .ci/slurm.sh`')
 
 
 def _submit(workdir, *trainer_args, background=False):
