@@ -340,9 +340,9 @@ def main(argv=None):
   if len(models) > 1 and args.only != 'torch':
     # The CPU device split is fixed when JAX starts and differs between experiments, so each
     # model gets its own process.
-    rest = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith('--models')]
-    for model in models:
-      subprocess.run([sys.executable, os.path.abspath(__file__), f'--models={model}', *rest],
+    given = sys.argv[1:] if argv is None else argv
+    for model in models:  # argparse keeps the last --models.
+      subprocess.run([sys.executable, os.path.abspath(__file__), *given, f'--models={model}'],
                      check=True)
     return
   results, batches, torch_version = {}, {}, 'not run'
