@@ -8,14 +8,15 @@ can be traced to the kernels that cause it:
 
   fwd    y = conv(x, w)
   dgrad  dx from dy (the input gradient)
-  wgrad  dw from x and dy (the kernel gradient): XLA's own rule, and `lm.cnn._kernel_grad`
-         (the formulation the models use)
+  wgrad  dw from x and dy (the kernel gradient): XLA's own rule, `lm.cnn._kernel_grad`
+         (the formulation the models use), and one matmul over an im2col of x
 
 JAX runs each pass as one jitted function on one XLA:CPU device (all cores); PyTorch runs
 `torch.ops.aten.convolution` / `convolution_backward` eagerly with `torch.set_num_threads`
 equal to the core count, in NCHW and in channels-last, as a child process
 (`--torch_python <this file> --worker=torch`) so torch never shares an interpreter with JAX.
-Each figure is the median of --rounds runs of --iters calls.
+Each figure is the median of --rounds runs of --iters calls. For scale, the JAX side also
+times a 1024x1024x1024 float32 `jnp.dot`: what XLA:CPU's matmuls reach on this machine.
 
   .venv/bin/python benchmarks/conv_kernels.py --torch_python=/work/torchenv/bin/python
 """
@@ -49,6 +50,7 @@ def jax_worker(args) -> dict:
   sys.path.insert(0, REPO_ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lm import cnn  # pylint: disable=g-import-not-at-top
 
   pad = ((1, 1), (1, 1))
@@ -61,6 +63,7 @@ def jax_worker(args) -> dict:
       'dgrad': lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
       'wgrad (XLA rule)': lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0],
       'wgrad (lm.cnn)': lambda x, w, dy: cnn._kernel_grad(x, dy, (3, 3), (1, 1), pad),  # pylint: disable=protected-access
+      'wgrad (im2col matmul)': lambda x, w, dy: _im2col_wgrad(x, dy),
   }
   out = {}
   key = jax.random.PRNGKey(0)
@@ -73,7 +76,19 @@ def jax_worker(args) -> dict:
       operands = (x, w) if name == 'fwd' else (x, w, dy)
       out[f'{hw}x{hw}x{c} {name}'] = _time(
           lambda: jax.block_until_ready(step(*operands)), args.iters, args.rounds)
+  a = jax.random.normal(key, (1024, 1024))
+  dot = jax.jit(jnp.dot)
+  out['matmul 1024^3'] = _time(lambda: jax.block_until_ready(dot(a, a)), args.iters, args.rounds)
   return {'impl': f'JAX {jax.__version__}, {jax.device_count()} XLA:CPU device', 'ms': out}
+
+
+def _im2col_wgrad(x_BxHxWxC, dy_BxHxWxO):
+  """The 3x3 'same' kernel gradient as one matmul: the 9 shifted copies of x against dy."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  _, h, w, c = x_BxHxWxC.shape
+  x = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+  return jnp.einsum('bhwk,bhwo->ko', patches, dy_BxHxWxO).reshape(3, 3, c, -1)
 
 
 def torch_worker(args) -> dict:
@@ -127,7 +142,10 @@ def main(argv=None):
   ours = child(sys.executable, 'jax')
   theirs = child(args.torch_python, 'torch') if args.torch_python else None
   print(f'batch {args.batch}; {ours["impl"]}' + (f'; {theirs["impl"]}' if theirs else ''))
-  print(f'load average {os.getloadavg()[0]:.2f}\n')
+  print(f'load average {os.getloadavg()[0]:.2f}')
+  matmul_ms = ours['ms'].pop('matmul 1024^3')
+  print(f'(XLA:CPU matmul, 1024^3 float32: {matmul_ms:.2f} ms, '
+        f'{2 * 1024**3 / matmul_ms / 1e6:.0f} GFLOP/s)\n')
   print('| conv, pass | JAX ms | GFLOP/s | PyTorch NCHW ms | PyTorch channels-last ms | '
         'JAX / channels-last time |')
   print('|---|---|---|---|---|---|')
@@ -136,7 +154,7 @@ def main(argv=None):
     flops = 2 * args.batch * hw * hw * c * c * 9
     row = f'| {key} | {ms:.2f} | {flops / ms / 1e6:.0f} |'
     if theirs:
-      torch_key = key.split(' (')[0]
+      torch_key = key.split(' (')[0]  # One PyTorch wgrad for each of our formulations.
       nchw, cl = theirs['ms']['nchw'][torch_key], theirs['ms']['channels_last'][torch_key]
       row += f' {nchw:.2f} | {cl:.2f} | {ms / cl:.2f}x |'
     print(row)
