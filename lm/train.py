@@ -272,7 +272,7 @@ class Trainer:
     Like the training loop, this reads each batch's sums one step late, so at most two eval
     steps are in flight, and adds them up on the host in float64. Dispatching the whole split
     at once deadlocked XLA:CPU with two devices on two cores (an all-reduce waited forever for
-    a device whose launch was queued behind the others; lm.main splits CPUs so by default).
+    a device whose launch was blocked in the runtime; lm.main splits CPUs so by default).
     """
     params = state.ema_params if state.ema_params is not None else state.params
     totals, pending = None, None
