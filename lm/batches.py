@@ -18,12 +18,13 @@ def check_batch(batch_size: int, process_count: int = 1, data_shards: int = 1,
                 grad_accum_steps: int = 1) -> None:
   """The one check that a global batch splits over processes, data shards and micro-batches."""
   if batch_size <= 0:
-    raise ConfigError(f'train.batch_size={batch_size} must be positive')
+    raise ConfigError(f'train.batch_size={batch_size} must be positive; set '
+                      '--config.train.batch_size')
   if grad_accum_steps <= 0:
     raise ConfigError(f'train.grad_accum_steps={grad_accum_steps} must be positive')
   if batch_size % process_count:
     raise ConfigError(f'train.batch_size={batch_size} does not split over {process_count} '
-                      f'processes; use a multiple of {process_count}')
+                      f'processes; set --config.train.batch_size to a multiple of {process_count}')
   if batch_size % (data_shards * grad_accum_steps):
     raise ConfigError(
         f'train.batch_size={batch_size} must be divisible by the {data_shards} data shards '

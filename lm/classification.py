@@ -1,6 +1,9 @@
-"""Classification evaluation: confusion matrix, per-class report and the two result plots.
+"""Classification evaluation: confusion matrix, per-class report, binary-task curves, plots.
 
-Shape key: B batch, K classes. Confusion rows are true classes, columns predicted classes.
+Shape key: B batch, K classes, N score bins. Confusion rows are true classes, columns
+predicted classes. Binary tasks also sum a histogram of the positive class's probability per
+true class ([2, N]): additive over batches and devices like the confusion matrix, and enough
+to draw the ROC and precision-recall curves and to pick a decision threshold on the host.
 """
 
 import json
@@ -28,6 +31,77 @@ def confusion_matrix(preds_B: jax.Array, targets_B: jax.Array, mask_B: jax.Array
   true_BxK = jax.nn.one_hot(targets_B, num_classes, dtype=jnp.float32) * mask_B[:, None]
   pred_BxK = jax.nn.one_hot(preds_B, num_classes, dtype=jnp.float32)
   return jnp.einsum('bt,bp->tp', true_BxK, pred_BxK).round().astype(jnp.int32)
+
+
+SCORE_BINS = 1000  # Thresholds are multiples of 1/1000: finer than any split here can resolve.
+
+
+def score_histogram(p_B: jax.Array, targets_B: jax.Array, mask_B: jax.Array,
+                    positive: int) -> jax.Array:
+  """[2, N] int32 counts of the positive class's probability, row 1 for true positives."""
+  bins_B = jnp.clip((p_B * SCORE_BINS).astype(jnp.int32), 0, SCORE_BINS - 1)
+  is_pos_B = (targets_B == positive).astype(jnp.float32)
+  rows_Bx2 = jnp.stack([1.0 - is_pos_B, is_pos_B], axis=1) * mask_B[:, None]
+  return jnp.einsum('br,bn->rn', rows_Bx2,
+                    jax.nn.one_hot(bins_B, SCORE_BINS, dtype=jnp.float32)).round().astype(
+                        jnp.int32)
+
+
+def _counts_above(hist_2xN) -> tuple[np.ndarray, np.ndarray]:
+  """(negatives, positives) with score >= each threshold k / N, k = 0..N: [N + 1] each."""
+  h = np.asarray(hist_2xN, np.float64)
+  above = np.concatenate([np.cumsum(h[:, ::-1], axis=1)[:, ::-1], np.zeros((2, 1))], axis=1)
+  return above[0], above[1]
+
+
+def binary_confusion(hist_2xN, threshold: float, positive: int) -> np.ndarray:
+  """[2, 2] confusion (in class-index order) when predicting positive at score >= threshold."""
+  neg_above, pos_above = _counts_above(hist_2xN)
+  k = int(round(threshold * SCORE_BINS))
+  tp, fp = pos_above[k], neg_above[k]
+  fn, tn = pos_above[0] - tp, neg_above[0] - fp
+  c = np.array([[tn, fp], [fn, tp]])  # Rows: negative, positive.
+  return c if positive == 1 else c[::-1, ::-1]
+
+
+def best_threshold(hist_2xN) -> tuple[float, float]:
+  """(threshold, F1 of the positive class there): the threshold that maximises that F1."""
+  neg_above, pos_above = _counts_above(hist_2xN)
+  tp, fp, fn = pos_above, neg_above, pos_above[0] - pos_above
+  f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0)
+  k = int(np.argmax(f1))  # The lowest threshold among ties: argmax takes the first.
+  return k / SCORE_BINS, float(f1[k])
+
+
+def roc_auc(hist_2xN) -> float:
+  """Area under the ROC curve; scores within one bin count as ties (half credit)."""
+  neg_above, pos_above = _counts_above(hist_2xN)
+  if not neg_above[0] or not pos_above[0]:
+    return float('nan')
+  fpr, tpr = neg_above[::-1] / neg_above[0], pos_above[::-1] / pos_above[0]
+  return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def save_pr_png(hist_2xN, path: str, threshold: float) -> None:
+  """Precision against recall over every threshold, the chosen one marked."""
+  neg_above, pos_above = _counts_above(hist_2xN)
+  keep = (pos_above + neg_above) > 0
+  recall = pos_above[keep] / max(pos_above[0], 1)
+  precision = pos_above[keep] / (pos_above[keep] + neg_above[keep])
+  k = int(round(threshold * SCORE_BINS))
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  ax.plot(recall, precision)
+  if pos_above[k] + neg_above[k]:
+    ax.plot([pos_above[k] / max(pos_above[0], 1)], [pos_above[k] / (pos_above[k] + neg_above[k])],
+            'o', label=f'threshold {threshold:.3f}')
+    ax.legend()
+  ax.set(xlabel='recall', ylabel='precision', xlim=(0, 1.02), ylim=(0, 1.02),
+         title=f'ROC AUC {roc_auc(hist_2xN):.4f}')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def per_class_report(confusion_KxK, class_names) -> tuple[dict, str]:

@@ -18,11 +18,13 @@ class ConfigError(ValueError):
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # Seeds init, dropout, data order and augmentation.
-  c.task = 'lm'                   # 'lm' (next-token prediction) or 'classify' (images).
+  c.task = 'lm'                   # 'lm' (next tokens), 'classify' (images), 'classify_text'.
   c.resume_mismatch = 'error'     # 'error' or 'ignore': resuming with a changed model/optimizer.
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'tiny_shakespeare'  # TFDS name, or 'files:<glob>' for your own text files.
+  # TFDS name; 'files:<glob>' for your own text files (lm); '' for split files in data_dir:
+  # <split>.npz (images), <split>.csv|.tsv|.jsonl (classify_text).
+  c.data.name = 'tiny_shakespeare'
   c.data.data_dir = ''            # TFDS data dir; '' means TFDS's default (~/tensorflow_datasets).
   c.data.text_key = 'text'        # Feature holding the text in a TFDS text dataset.
   c.data.train_split = 'train'    # Split to train on.
@@ -38,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
   c.data.crop_padding = 'constant'  # classify: crop padding, 'constant' (zeros) or 'reflect'.
   c.data.eval_batch_size = 0      # classify: eval batch (0 = a multiple of batch_size >= 512).
+  c.data.positive_label = ''      # Two classes: the positive one for F1 and thresholds ('' = 2nd).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.
@@ -68,7 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 20       # lm: batches per evaluation (classify: the whole split).
   c.train.checkpoint_every = 500  # Steps between checkpoints (always one at the end).
   c.train.keep_checkpoints = 3    # Checkpoints kept on disk.
+  c.train.loss = 'cross_entropy'  # classify: 'cross_entropy' or 'focal'.
+  c.train.focal_gamma = 2.0       # focal: the exponent of (1 - p).
+  c.train.class_weights = ''      # classify: '' (none), 'balanced' or 'w0,w1,...' per class.
   c.train.label_smoothing = 0.0   # Cross-entropy label smoothing.
+  c.train.l1 = 0.0                # L1 penalty on the weights weight decay acts on (a loss term).
+  c.train.l2 = 0.0                # L2 penalty (0.5 * l2 * sum w^2) on the same weights.
   c.train.ema_decay = 0.0         # If > 0, keep an EMA of the params and evaluate it.
   c.train.on_nan = 'stop'         # 'stop' or 'rollback' when a loss or gradient is not finite.
   c.train.max_rollbacks = 3       # rollback: give up after this many.

@@ -1,11 +1,11 @@
 """Text data for language modelling: load a corpus, tokenize it, cut random windows.
 
-Letter key: B = global batch, B_local = this process's rows, L = seq_len, N = tokens in a split.
+Letter key: G = global batch, B = this process's rows, L = seq_len, N = tokens in a split.
 
 A batch is a pure function of (seed, step, process index), so resuming at step s replays
 exactly the batches an uninterrupted run would have seen, with no iterator state to save.
 The global batch does not depend on the process count: each process draws every row's start
-(B integers, cheap) and keeps its own slice.
+(G integers, cheap) and keeps its own slice.
 """
 
 import codecs
@@ -13,13 +13,13 @@ import dataclasses
 import glob
 import json
 import os
-import re
-import tempfile
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from lm import batches
+from lm import datasets
 from lm import tokenizer as tokenizer_lib
+from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 _FILES = 'files:'
@@ -45,62 +45,11 @@ def load_split(data_cfg, which: str) -> str:
 # TFDS.
 
 
-def _tfds_data_dir(data_cfg) -> str:
-  data_dir = os.path.expanduser(data_cfg.data_dir or tfds.core.constants.DATA_DIR)
-  if not os.path.isdir(data_dir):
-    raise ConfigError(f'TFDS data dir {data_dir!r} does not exist; pass --config.data.data_dir='
-                      "<dir with prepared datasets> or use --config.data.name='files:<glob>'")
-  return data_dir
-
-
-def _prepared_datasets(data_dir: str) -> list[str]:
-  # A prepared dataset has <name>/<version>/dataset_info.json, or <name>/<config>/<version>/.
-  infos = (glob.glob(os.path.join(data_dir, '*', '*', 'dataset_info.json')) +
-           glob.glob(os.path.join(data_dir, '*', '*', '*', 'dataset_info.json')))
-  return sorted({os.path.relpath(p, data_dir).split(os.sep)[0] for p in infos})
-
-
-def _tfds_builder(data_cfg):
-  """The builder of a dataset already prepared in the data dir; never downloads."""
-  data_dir = _tfds_data_dir(data_cfg)
-  base_name = data_cfg.name.split(':')[0].split('/')[0]
-  prepared = _prepared_datasets(data_dir)
-  if base_name not in prepared:
-    raise ConfigError(
-        f'TFDS dataset {data_cfg.name!r} is not prepared in {data_dir!r} (it has: '
-        f'{", ".join(prepared) or "nothing"}); pick one of those, point --config.data.data_dir '
-        "at a dir that has it, or use --config.data.name='files:<glob>'")
-  try:
-    builder = tfds.builder(data_cfg.name, data_dir=data_dir)
-  except (AssertionError, ValueError) as e:  # TFDS asserts on a version it lacks.
-    reason = str(e).strip().splitlines()[-1]
-    raise ConfigError(f'cannot open TFDS dataset {data_cfg.name!r} in {data_dir!r} ({reason}); '
-                      'fix --config.data.name') from e
-  if not builder.is_prepared():
-    raise ConfigError(f'TFDS dataset {data_cfg.name!r} (version {builder.version}) is not '
-                      f'prepared in {data_dir!r}; prepare it there or name a version that is')
-  return builder
-
-
 def _load_tfds(data_cfg, field: str) -> str:
   """Joins the text of every example of the split `data_cfg.<field>` names."""
-  split = data_cfg[field]
-  builder = _tfds_builder(data_cfg)
-  splits = list(builder.info.splits.keys())
-  # Accept TFDS slicing ('train[:90%]'); check only the split's name.
-  if re.match(r'[^\[]*', split).group(0) not in splits:
-    raise ConfigError(f'TFDS dataset {data_cfg.name!r} has no split {split!r}; it has '
-                      f'{", ".join(splits)}: set --config.data.{field} to one of them')
-  features = list(builder.info.features.keys())
-  if data_cfg.text_key not in features:
-    raise ConfigError(f'TFDS dataset {data_cfg.name!r} has no feature {data_cfg.text_key!r}; '
-                      f'it has {", ".join(features)}: set --config.data.text_key')
-  # `as_data_source` reads the prepared files; `tfds.data_source` would download when missing.
-  try:
-    source = builder.as_data_source(split=split)
-  except ValueError as e:  # A slice that selects no example.
-    raise ConfigError(f'TFDS split {split!r} of {data_cfg.name!r} selects nothing ({e}); fix '
-                      f'--config.data.{field}') from e
+  builder = datasets.tfds_builder(data_cfg.name, data_cfg.data_dir,
+                                  features={data_cfg.text_key: 'text_key'})
+  source = datasets.tfds_source(builder, data_cfg[field], field)
   texts = (source[i][data_cfg.text_key] for i in range(len(source)))
   # Newlines between examples so documents do not run into each other.
   return '\n'.join(t.decode('utf-8', errors='replace') if isinstance(t, bytes) else t
@@ -184,18 +133,13 @@ class TextData:
 
   def __init__(self, tokenizer, splits: dict[str, Split], *, batch_size: int, seq_len: int,
                seed: int, process_index: int = 0, process_count: int = 1):
-    if batch_size % process_count:
-      raise ConfigError(f'batch_size={batch_size} does not split over {process_count} '
-                        'processes; set --config.train.batch_size to a multiple of it')
-    if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    batches.check_batch(batch_size, process_count)
     self.tokenizer = tokenizer
     self.splits = splits
     self.batch_size = batch_size
     self.seq_len = seq_len
     self.seed = seed
-    self.process_index = process_index
-    self.local_batch_size = batch_size // process_count
+    self.process_index, self.process_count = process_index, process_count
 
   @property
   def vocab_size(self) -> int:
@@ -205,6 +149,11 @@ class TextData:
   def tokens_per_batch(self) -> int:
     """Tokens in one global batch (all processes)."""
     return self.batch_size * self.seq_len
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Steps to draw as many windows' tokens as the train split holds (train.epochs)."""
+    return max(1, len(self.train_tokens) // self.tokens_per_batch)
 
   @property
   def train_tokens(self) -> np.ndarray:
@@ -222,11 +171,10 @@ class TextData:
 
   def _batch(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     # Starts uniform over [0, N - L - 1] as nanoGPT: the last target is tokens[N - 1].
-    starts_B = rng.integers(0, len(tokens) - self.seq_len, size=self.batch_size)
-    lo = self.process_index * self.local_batch_size
-    starts = starts_B[lo:lo + self.local_batch_size]
-    windows = tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
-    return {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}  # [B_local, L] each.
+    starts_G = rng.integers(0, len(tokens) - self.seq_len, size=self.batch_size)
+    starts_B = batches.local(starts_G, self.process_index, self.process_count)
+    windows_BxL1 = tokens[starts_B[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
+    return {'tokens': windows_BxL1[:, :-1], 'targets': windows_BxL1[:, 1:]}
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global training batch for `step`."""
@@ -266,15 +214,7 @@ def _tokenizer_path(workdir: str) -> str:
 def save_tokenizer(workdir: str, tokenizer) -> None:
   """Writes `<workdir>/tokenizer.json` atomically: readers never see a partial file."""
   os.makedirs(workdir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix='.tokenizer.json.')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(tokenizer.to_json(), f)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of the workdir.
-    os.replace(tmp, _tokenizer_path(workdir))
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  workdir_lib.write_atomic(_tokenizer_path(workdir), json.dumps(tokenizer.to_json()))
 
 
 def load_tokenizer(workdir: str):

@@ -42,7 +42,7 @@ def print_plan(config, target_device: str = '', assumed_mfu: float = 0.4) -> dic
   flops = trainer.task.flops_per_step(
       {'params': jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.params),
        **jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.model_state)},
-      np.asarray(trainer.example['inputs']))
+      trainer.example)
   print(f'\nper device: params {params_b / _MIB:,.1f} MiB, optimizer state '
         f'{opt_b / _MIB:,.1f} MiB, activations and temporaries {temp / _MIB:,.1f} MiB '
         '(from the compiled step)')

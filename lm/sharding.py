@@ -127,15 +127,6 @@ def describe(shardings_tree, abstract_tree) -> list[tuple[str, tuple, str]]:
   return rows
 
 
-def local_batch_slice(global_rows: int) -> tuple[int, int]:
-  """This process's contiguous rows of the global batch."""
-  count, index = jax.process_count(), jax.process_index()
-  if global_rows % count:
-    raise ConfigError(f'train.batch_size={global_rows} is not divisible by the {count} processes')
-  per = global_rows // count
-  return index * per, (index + 1) * per
-
-
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Assembles each process's slice of the batch into one globally sharded array per key."""
   sharding = batch_sharding(mesh)

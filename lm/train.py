@@ -1,15 +1,14 @@
-"""The training loop, shared by the language model and the image classifiers.
+"""The training loop, shared by every task.
 
-`Trainer(config, workdir)` builds the task (data, model, optimizer), creates or restores the
-sharded state, and `run()` trains: dispatch step N, then read step N-1's metrics (no host sync
-per step), evaluate and checkpoint on schedule, stop cleanly on SIGTERM.
+`Trainer(config, workdir)` builds the task (its data, model and loss: lm/tasks.py), the
+optimizer and the sharded state, and `run()` trains: dispatch step N, then read step N-1's
+metrics (no host sync per step), evaluate and checkpoint on schedule, stop cleanly on SIGTERM.
 """
 
 import ctypes
 import errno
 import functools
 import json
-import math
 import os
 import signal
 import time
@@ -19,11 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import batches
 from lm import checkpoint
 from lm import metrics as metrics_lib
 from lm import optim
 from lm import sharding
 from lm import steps as steps_lib
+from lm import tasks
+from lm import workdir as workdir_lib
 from lm.config import ConfigError, to_json
 
 # Fields that may change between a run and its resumption without `resume_mismatch=ignore`.
@@ -35,77 +37,6 @@ _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'tra
 
 class Diverged(RuntimeError):
   """The loss or gradient went non-finite and config.train.on_nan says to stop."""
-
-
-class Task:
-  """What differs between tasks: data, model, and how to count FLOPs and report eval."""
-
-  def __init__(self, config, workdir: str):
-    self.config = config
-    pi, pc = jax.process_index(), jax.process_count()
-    if config.task == 'lm':
-      from lm import data, model  # pylint: disable=g-import-not-at-top
-      tok_path = os.path.join(workdir, 'tokenizer.json')
-      # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
-      tokenizer = data.load_tokenizer(workdir) if os.path.exists(tok_path) else None
-      self.data = data.make_text_data(config, tokenizer, pi, pc)
-      vocab = config.model.vocab_size or self.data.vocab_size
-      self.model_config = model.TransformerConfig.from_config(config.model, vocab)
-      self.model = model.Transformer(self.model_config)
-      self.unit = 'tok'
-      self.items_per_step = self.data.tokens_per_batch
-    elif config.task == 'classify':
-      from lm import cnn, images  # pylint: disable=g-import-not-at-top
-      d = config.data
-      if d.crop_padding not in ('constant', 'reflect'):
-        raise ConfigError(f'data.crop_padding={d.crop_padding!r} is unknown; use constant or '
-                          'reflect')
-      self.data = images.make_image_data(config, pi, pc, max_examples=d.max_examples,
-                                         eval_batch_size=d.eval_batch_size,
-                                         pad_mode=d.crop_padding)
-      self.model = cnn.build(config.model)
-      self.unit = 'img'
-      self.items_per_step = config.train.batch_size
-    else:
-      raise ConfigError(f'task={config.task!r} is unknown; use lm or classify')
-
-  def steps(self) -> int:
-    train = self.config.train
-    if self.config.task == 'classify' and train.epochs > 0:
-      return max(1, int(round(train.epochs * self.data.steps_per_epoch)))
-    return train.steps
-
-  def flops_per_step(self, params, example) -> float:
-    """Training FLOPs per step: PaLM's 6N + 12LHQT per token for the LM, 3x forward for CNNs."""
-    if self.config.task == 'lm':
-      from lm import model  # pylint: disable=g-import-not-at-top
-      return model.flops_per_token(self.model_config) * self.items_per_step
-    forward = jax.jit(lambda p, x: self.model.apply(p, x, train=False))
-    cost = forward.lower(params, example).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return 3 * cost.get('flops', math.nan) * self.items_per_step / example.shape[0]
-
-  def _text_split(self, split: str) -> str:
-    test = self.config.data.test_split
-    return 'test' if test and split == test else 'eval'
-
-  def eval_batches(self, split: str):
-    if self.config.task == 'lm':
-      return self.data.eval_batches(self.config.train.eval_batches, self._text_split(split))
-    return self.data.eval_batches(split)
-
-  def summarize_eval(self, sums: dict, split: str, prefix: str) -> dict:
-    count = max(float(sums['count']), 1.0)
-    loss = float(sums['loss']) / count
-    out = {f'{prefix}/loss': loss, f'{prefix}/accuracy': float(sums['correct']) / count}
-    if self.config.task == 'lm':
-      nats_per_bit = math.log(2)
-      text_split = self._text_split(split)
-      out[f'{prefix}/bits_per_byte'] = loss / nats_per_bit / self.data.bytes_per_token(text_split)
-      if self.config.data.tokenizer == 'char':
-        out[f'{prefix}/bits_per_char'] = (
-            loss / nats_per_bit / self.data.chars_per_token(text_split))
-    return out
 
 
 def _diff(old: dict, new: dict, prefix: str = '') -> list[str]:
@@ -126,13 +57,14 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
     self.mesh = sharding.make_mesh(config.mesh, devices)
-    self._check_batch()
+    batches.check_batch(config.train.batch_size, jax.process_count(),
+                        sharding.data_shards(self.mesh), config.train.grad_accum_steps)
     self._check_config_drift()
-    self.task = Task(config, workdir)
+    self.task = tasks.build(config, workdir)
     self.steps = self.task.steps()
     self.tx, schedule = optim.make(config.optim, self.steps)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
-    self.example = jax.tree.map(lambda x: x[:1], self.task.data.train_batch(0))
+    self.example = self.task.example_batch()
     self._build_state_shardings()
     self._jit_steps()
     self._ckpt = None
@@ -152,22 +84,10 @@ class Trainer:
     if not self.is_main:
       return
     os.makedirs(self.workdir, exist_ok=True)
-    if self.config.task == 'lm' and not os.path.exists(
-        os.path.join(self.workdir, 'tokenizer.json')):
-      from lm import data  # pylint: disable=g-import-not-at-top
-      data.save_tokenizer(self.workdir, self.task.data.tokenizer)
-    with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-      f.write(to_json(self.config))
+    self.task.write_files(self.workdir)
+    workdir_lib.write_atomic(os.path.join(self.workdir, 'config.json'), to_json(self.config))
 
   # --- set-up -------------------------------------------------------------------------------
-
-  def _check_batch(self):
-    train, shards = self.config.train, sharding.data_shards(self.mesh)
-    if train.batch_size % (shards * train.grad_accum_steps):
-      raise ConfigError(
-          f'train.batch_size={train.batch_size} must be divisible by the {shards} data shards '
-          f'(mesh data*fsdp) x train.grad_accum_steps={train.grad_accum_steps}; '
-          f'use a multiple of {shards * train.grad_accum_steps}')
 
   def _check_config_drift(self):
     path = os.path.join(self.workdir, 'config.json')
@@ -185,9 +105,7 @@ class Trainer:
       print(f'resuming with a changed config: {c}', flush=True)
 
   def _init(self, rng, boxed: bool = False):
-    inputs = jnp.zeros(self.example['inputs'].shape, self.example['inputs'].dtype)
-    variables = self.task.model.init({'params': rng, 'dropout': rng}, inputs, train=False)
-    variables = dict(variables)
+    variables = dict(self.task.init(rng, self.example))
     params = variables.pop('params')
     if not boxed:
       params, variables = nn.meta.unbox((params, variables))
@@ -218,15 +136,13 @@ class Trainer:
     batch_sh = sharding.batch_sharding(self.mesh)
     batch_shardings = jax.tree.map(lambda _: batch_sh, self.example)
     self.train_step = jax.jit(
-        functools.partial(steps_lib.train_step, model=self.task.model, tx=self.tx, seed=c.seed,
+        functools.partial(steps_lib.train_step, loss_fn=self.task.loss, tx=self.tx, seed=c.seed,
                           grad_accum_steps=c.train.grad_accum_steps,
-                          label_smoothing=c.train.label_smoothing, ema_decay=c.train.ema_decay),
+                          ema_decay=c.train.ema_decay),
         in_shardings=(self.state_shardings, batch_shardings),
         out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    num_classes = c.model.num_classes if c.task == 'classify' else 0
     self.eval_step = jax.jit(
-        functools.partial(steps_lib.eval_step, model=self.task.model, num_classes=num_classes),
-        out_shardings=rep)
+        functools.partial(steps_lib.eval_step, sums_fn=self.task.eval_sums), out_shardings=rep)
 
   def initial_state(self):
     """The latest checkpoint, resharded onto this mesh, or a fresh state created sharded."""
@@ -266,8 +182,8 @@ class Trainer:
 
   # --- evaluation ---------------------------------------------------------------------------
 
-  def evaluate(self, state, split: str, prefix: str = 'eval') -> dict:
-    """The split's loss and accuracy (and per-class report) under `params` or their EMA.
+  def evaluate(self, state, split: str, prefix: str = 'eval', training: bool = False) -> dict:
+    """The task's metrics of a split (and its report files) under `params` or their EMA.
 
     Like the training loop, this reads each batch's sums one step late, so at most two eval
     steps are in flight, and adds them up on the host in float64. Dispatching the whole split
@@ -288,22 +204,7 @@ class Trainer:
         add(pending)
       pending = sums
     add(pending)
-    out = self.task.summarize_eval(totals, split, prefix)
-    if 'confusion' in totals and self.is_main:
-      self._report_classes(totals['confusion'], prefix, out)
-    return out
-
-  def _report_classes(self, confusion, prefix: str, out: dict):
-    from lm import classification  # pylint: disable=g-import-not-at-top
-    names = self.task.data.class_names
-    report, table = classification.per_class_report(confusion, names)
-    out.update({f'{prefix}/{k}': v for k, v in report.items() if k.startswith('macro')})
-    classification.save_confusion_png(
-        confusion, names, os.path.join(self.workdir, f'confusion_{prefix}.png'))
-    with open(os.path.join(self.workdir, f'classes_{prefix}.json'), 'w') as f:
-      json.dump({'confusion': np.asarray(confusion).tolist(), **report}, f, indent=1)
-    with open(os.path.join(self.workdir, f'classes_{prefix}.md'), 'w') as f:
-      f.write(table + '\n')
+    return self.task.summarize(totals, split, prefix, training=training)
 
   # --- the loop -----------------------------------------------------------------------------
 
@@ -326,8 +227,8 @@ class Trainer:
     self._write_workdir()
     state = self.compile_and_init()
     writer = metrics_lib.Writer(self.workdir, self.is_main)
-    flops = self.task.flops_per_step(
-        {'params': state.params, **state.model_state}, jnp.asarray(self.example['inputs']))
+    flops = self.task.flops_per_step({'params': state.params, **state.model_state},
+                                     self.example)
     log = _StepLog(self, writer, flops)
     stop = _StopFlag()
     rollbacks = 0
@@ -351,13 +252,9 @@ class Trainer:
       self._wait_for_saves()  # Whatever happened, saves in flight finish before we leave.
     if 'stopped_at' in final:
       return final
+    self.task.finish(self.workdir)
     if self.is_main:
-      if self.config.task == 'classify':
-        from lm import classification  # pylint: disable=g-import-not-at-top
-        classification.save_curves_png(os.path.join(self.workdir, 'metrics.jsonl'),
-                                       os.path.join(self.workdir, 'curves.png'))
-      with open(os.path.join(self.workdir, 'DONE'), 'w') as f:
-        json.dump({'step': self.steps, **final}, f, indent=1)
+      workdir_lib.write_json(os.path.join(self.workdir, 'DONE'), {'step': self.steps, **final})
     return final
 
   def _loop(self, state, log: '_StepLog', stop: '_StopFlag', stop_after):
@@ -380,7 +277,7 @@ class Trainer:
       log.record(*pending)  # Before saving: a checkpoint never follows an unchecked step.
       pending = None
       if eval_due:
-        final = self.evaluate(state, self.config.data.eval_split)
+        final = self.evaluate(state, self.config.data.eval_split, training=True)
         log.write_eval(done, final)
       if ckpt_due:
         self._save(done, state)
@@ -390,7 +287,7 @@ class Trainer:
               'Run the same command to continue.', flush=True)
         return state, {'stopped_at': done}
     if start >= self.steps:
-      final = self.evaluate(state, self.config.data.eval_split)
+      final = self.evaluate(state, self.config.data.eval_split, training=True)
     if self.config.data.test_split:
       test = self.evaluate(state, self.config.data.test_split, prefix='test')
       log.write_eval(self.steps, test)
@@ -417,7 +314,7 @@ class Trainer:
   def _roll_back(self, bad: '_NonFinite'):
     self._skipped().append(bad.step)
     if self.is_main:
-      _write_atomic(self._skipped_path(), json.dumps(self._skipped()))
+      workdir_lib.write_atomic(self._skipped_path(), json.dumps(self._skipped()))
     self._wait_for_saves()
     last = self.ckpt.latest_step()
     print(f'non-finite loss at step {bad.step}: rolling back to checkpoint {last} and '
@@ -466,19 +363,21 @@ class _NonFinite(Exception):
 class _StepLog:
   """Reads each step's metrics one step late and writes a row every `log_every` steps."""
 
+  # Per-step values the row reports as they are at its step, not as window means.
+  _INSTANT = ('grad_norm', 'finite')
+
   def __init__(self, trainer: Trainer, writer: metrics_lib.Writer, flops: float):
     self.trainer, self.writer, self.flops = trainer, writer, flops
     self.peak = metrics_lib.peak_flops_per_device() * jax.device_count()
     self.progress = metrics_lib.Progress(trainer.steps, trainer.task.unit, trainer.is_main)
-    self.losses, self.accuracies, self.t0, self.n = [], [], None, 0
+    self.window, self.t0, self.n = [], None, 0
 
   def record(self, step: int, m) -> None:
     m = jax.device_get(m)
     if not m['finite']:
       self.t0 = None
       raise _NonFinite(step, m)
-    self.losses.append(float(m['loss']))
-    self.accuracies.append(float(m['accuracy']))
+    self.window.append({k: float(v) for k, v in m.items() if k not in self._INSTANT})
     now = time.perf_counter()
     if self.t0 is None:  # Time from the end of the first step, which compiles.
       self.t0 = now
@@ -487,19 +386,17 @@ class _StepLog:
     done, t = step + 1, self.trainer
     if done % t.config.train.log_every and done != t.steps:
       return
-    # Loss and accuracy are means over the steps since the last row; the rest is this step's.
-    loss = float(np.mean(self.losses))
-    row = {'train/loss': loss, 'train/accuracy': float(np.mean(self.accuracies)),
-           'train/grad_norm': float(m['grad_norm']), 'train/lr': float(t.lr(step))}
+    # The loss and the task's metrics are means over the steps since the last row.
+    row = {f'train/{k}': float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
+    row.update({'train/grad_norm': float(m['grad_norm']), 'train/lr': float(t.lr(step))})
     if self.n:
       step_s = (now - self.t0) / self.n
       per_s = t.task.items_per_step / step_s
-      unit = 'tokens' if t.task.unit == 'tok' else 'images'
-      row.update({'perf/step_time_ms': step_s * 1e3, f'perf/{unit}_per_s': per_s,
+      row.update({'perf/step_time_ms': step_s * 1e3, f'perf/{t.task.unit}_per_s': per_s,
                   'perf/mfu': self.flops / step_s / self.peak})
-      self.progress.update(done, loss, per_s, step_s)
+      self.progress.update(done, row['train/loss'], per_s, step_s)
     self.writer.write(done, row)
-    self.losses, self.accuracies, self.t0, self.n = [], [], now, 0
+    self.window, self.t0, self.n = [], now, 0
 
   def write_eval(self, step: int, results: dict) -> None:
     self.writer.write(step, results)
@@ -521,13 +418,6 @@ def _return_freed_memory() -> None:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):  # Not glibc: nothing to do.
     pass
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 class _StopFlag:

@@ -52,25 +52,25 @@ def test_batches_are_pure_functions_of_seed_and_step(corpus_dir):
   config = _config(f'files:{corpus_dir}/*.txt')
   d1, d2 = data.make_text_data(config), data.make_text_data(config)
   b = d1.train_batch(5)
-  assert b['inputs'].shape == b['targets'].shape == (8, 16)
-  assert b['inputs'].dtype == b['targets'].dtype == np.int32
-  np.testing.assert_array_equal(b['inputs'], d2.train_batch(5)['inputs'])
-  assert not np.array_equal(b['inputs'], d1.train_batch(6)['inputs'])
+  assert b['tokens'].shape == b['targets'].shape == (8, 16)
+  assert b['tokens'].dtype == b['targets'].dtype == np.int32
+  np.testing.assert_array_equal(b['tokens'], d2.train_batch(5)['tokens'])
+  assert not np.array_equal(b['tokens'], d1.train_batch(6)['tokens'])
   config.seed = 1
-  assert not np.array_equal(b['inputs'], data.make_text_data(config).train_batch(5)['inputs'])
+  assert not np.array_equal(b['tokens'], data.make_text_data(config).train_batch(5)['tokens'])
 
 
 def test_windows_are_contiguous_and_targets_shifted():
   d = _arange_data()
   b = d.train_batch(0)
-  np.testing.assert_array_equal(b['targets'], b['inputs'] + 1)
-  np.testing.assert_array_equal(b['inputs'], b['inputs'][:, :1] + np.arange(16))
+  np.testing.assert_array_equal(b['targets'], b['tokens'] + 1)
+  np.testing.assert_array_equal(b['tokens'], b['tokens'][:, :1] + np.arange(16))
 
 
 def test_window_starts_cover_nanogpt_range():
   # Starts are uniform over [0, N - L - 1]: the last target is the last token, never past it.
   d = _arange_data(num_tokens=19, seq_len=16)
-  starts = {int(s) for step in range(30) for s in d.train_batch(step)['inputs'][:, 0]}
+  starts = {int(s) for step in range(30) for s in d.train_batch(step)['tokens'][:, 0]}
   assert starts == {0, 1, 2}
 
 
@@ -79,7 +79,7 @@ def test_process_slices_partition_the_global_batch(process_count):
   whole = _arange_data().train_batch(3)
   slices = [_arange_data(process_index=i, process_count=process_count).train_batch(3)
             for i in range(process_count)]
-  for key in ('inputs', 'targets'):
+  for key in ('tokens', 'targets'):
     assert all(s[key].shape == (8 // process_count, 16) for s in slices)
     # Process i holds rows [i * B_local, (i + 1) * B_local) of the global batch.
     np.testing.assert_array_equal(np.concatenate([s[key] for s in slices]), whole[key])
@@ -90,12 +90,12 @@ def test_eval_batches_are_fixed_and_independent_of_training_seed():
   e0, e1 = d0.eval_batches(3), d1.eval_batches(3)
   assert len(e0) == 3
   for a, b in zip(e0, e1):
-    np.testing.assert_array_equal(a['inputs'], b['inputs'])
-  assert not np.array_equal(e0[0]['inputs'], e0[1]['inputs'])
-  assert not np.array_equal(e0[0]['inputs'], d0.train_batch(0)['inputs'])
-  np.testing.assert_array_equal(d0.eval_batches(1)[0]['inputs'], e0[0]['inputs'])
+    np.testing.assert_array_equal(a['tokens'], b['tokens'])
+  assert not np.array_equal(e0[0]['tokens'], e0[1]['tokens'])
+  assert not np.array_equal(e0[0]['tokens'], d0.train_batch(0)['tokens'])
+  np.testing.assert_array_equal(d0.eval_batches(1)[0]['tokens'], e0[0]['tokens'])
   half = _arange_data(process_index=1, process_count=2).eval_batches(1)[0]
-  np.testing.assert_array_equal(half['inputs'], e0[0]['inputs'][4:])
+  np.testing.assert_array_equal(half['tokens'], e0[0]['tokens'][4:])
 
 
 def test_files_split_heldout_and_recursive_glob(tmp_path):
@@ -158,7 +158,7 @@ def test_tiny_shakespeare():
   assert d.vocab_size == 65
   assert (len(d.train_tokens), len(d.eval_tokens)) == (1_003_854, 55_770)
   assert d.bytes_per_token('test') == 1.0
-  assert d.eval_batches(1, split='test')[0]['inputs'].shape == (8, 16)
+  assert d.eval_batches(1, split='test')[0]['tokens'].shape == (8, 16)
 
 
 def _assert_config_error(config, *fragments):

@@ -28,9 +28,10 @@ def _config(**data):
   return c
 
 
-def _data(config=None, process_index=0, process_count=1, **kwargs):
-  return images.make_image_data(config or _config(), process_index, process_count,
-                                max_examples=N, **kwargs)
+def _data(config=None, process_index=0, process_count=1):
+  config = config or _config()
+  config.data.max_examples = N
+  return images.make_image_data(config, process_index, process_count)
 
 
 @pytest.fixture(scope='module')
@@ -49,13 +50,13 @@ def test_attributes_and_held_out_validation_are_disjoint(data):
 
 def test_train_batch_is_a_pure_function_of_seed_and_step(data):
   batch = data.train_batch(20)
-  assert batch['inputs'].shape == (16, 32, 32, 3) and batch['inputs'].dtype == np.float32
-  assert batch['targets'].dtype == np.int32
+  assert batch['image'].shape == (16, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].dtype == np.int32
   data.train_batch(3)
   for again in (data.train_batch(20), _data().train_batch(20)):  # Resume; a new process.
-    np.testing.assert_array_equal(again['inputs'], batch['inputs'])
-    np.testing.assert_array_equal(again['targets'], batch['targets'])
-  assert not np.array_equal(data.train_batch(21)['inputs'], batch['inputs'])
+    np.testing.assert_array_equal(again['image'], batch['image'])
+    np.testing.assert_array_equal(again['label'], batch['label'])
+  assert not np.array_equal(data.train_batch(21)['image'], batch['image'])
   other_seed = _config()
   other_seed.seed = 1
   assert not np.array_equal(_data(other_seed).train_indices(20), data.train_indices(20))
@@ -70,7 +71,7 @@ def test_an_epoch_visits_distinct_examples_and_the_next_reshuffles(data):
 def test_process_slices_are_disjoint_and_make_up_the_global_batch(data):
   parts = [_data(process_index=i, process_count=2).train_batch(5) for i in range(2)]
   whole = data.train_batch(5)
-  for key in ('inputs', 'targets'):
+  for key in ('image', 'label'):
     assert parts[0][key].shape[0] == 8
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
 
@@ -78,12 +79,12 @@ def test_process_slices_are_disjoint_and_make_up_the_global_batch(data):
 def test_augmentation_changes_images_but_not_labels(data):
   plain = _data(_config(augment=False, cutout=0))
   a, b = data.train_batch(4), plain.train_batch(4)
-  np.testing.assert_array_equal(a['targets'], b['targets'])
-  assert not np.allclose(a['inputs'], b['inputs'])
+  np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.allclose(a['image'], b['image'])
   # Without augmentation a batch is exactly the normalised stored images.
   raw = plain.splits['train'].images_NxHxWxC[plain.train_indices(4)]
-  np.testing.assert_allclose(b['inputs'], (raw - plain.mean_C) / plain.std_C, rtol=1e-6)
-  assert abs(b['inputs'].mean()) < 0.3 and 0.7 < b['inputs'].std() < 1.3
+  np.testing.assert_allclose(b['image'], (raw - plain.mean_C) / plain.std_C, rtol=1e-6)
+  assert abs(b['image'].mean()) < 0.3 and 0.7 < b['image'].std() < 1.3
 
 
 def test_crop_flip_and_cutout_geometry():
@@ -106,10 +107,10 @@ def test_crop_flip_and_cutout_geometry():
                                          ('test[:10]', 10)])
 def test_eval_batches_cover_each_example_once(data, split, size):
   batches = data.eval_batches(split)
-  assert all(b['inputs'].shape == (data.eval_batch_size, 32, 32, 3) for b in batches)
-  mask = np.concatenate([b['mask'] for b in batches])
+  assert all(b['image'].shape == (data.eval_batch_size, 32, 32, 3) for b in batches)
+  mask = np.concatenate([b['valid'] for b in batches])
   assert mask.sum() == size and (mask[:size] == 1).all()
-  targets = np.concatenate([b['targets'] for b in batches])[:size]
+  targets = np.concatenate([b['label'] for b in batches])[:size]
   np.testing.assert_array_equal(targets, data._split(split).labels_N)
 
 
@@ -117,7 +118,7 @@ def test_eval_batches_split_between_processes(data):
   whole = data.eval_batches('validation')
   parts = [_data(process_index=i, process_count=4).eval_batches('validation') for i in range(4)]
   for j, batch in enumerate(whole):
-    for key in ('inputs', 'targets', 'mask'):
+    for key in ('image', 'label', 'valid'):
       np.testing.assert_array_equal(np.concatenate([p[j][key] for p in parts]), batch[key])
 
 
@@ -132,17 +133,22 @@ def test_channel_stats_are_exact():
     ({'val_fraction': 0.0}, {}, 'val_fraction'),
     ({'data_dir': '/nonexistent/tfds'}, {}, 'data_dir'),
     ({'name': 'mnist'}, {}, 'mnist'),
-    ({}, {'process_count': 3}, 'process count'),
+    ({}, {'process_count': 3}, 'processes'),
 ])
 def test_bad_settings_raise_config_error(change, kwargs, match):
   with pytest.raises(ConfigError, match=match):
     _data(_config(**change), **kwargs).eval_batches('validation')
 
 
-def test_unknown_split_and_class_count_mismatch_raise_config_error(data):
+def test_unknown_split_raises_config_error(data):
   with pytest.raises(ConfigError, match='no split'):
     data.eval_batches('valid')
+
+
+def test_class_count_mismatch_raises_config_error(tmp_path):
+  from lm import tasks  # pylint: disable=g-import-not-at-top
   config = _config()
-  config.model.num_classes = 100
+  config.data.max_examples = N
+  config.model.update(name='simple_cnn', num_classes=100)
   with pytest.raises(ConfigError, match='num_classes=10'):
-    _data(config)
+    tasks.build(config, str(tmp_path))

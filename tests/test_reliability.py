@@ -39,7 +39,7 @@ def poison(trainer, at_index):
   def train_batch(index):
     batch = original(index)
     if index == at_index:
-      batch = {**batch, 'inputs': np.full_like(batch['inputs'], np.inf)}
+      batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
     return batch
   trainer.task.data.train_batch = train_batch
 
@@ -81,7 +81,7 @@ def test_nonfinite_step_leaves_the_state_unchanged(tmp_path):
   state = trainer.initial_state()
   before = jax.device_get(state)
   batch = trainer.task.data.train_batch(0)
-  batch['inputs'][:] = np.nan
+  batch['image'][:] = np.nan
   from lm import sharding  # pylint: disable=g-import-not-at-top
   new, metrics = trainer.train_step(state, sharding.to_global(batch, trainer.mesh))
   assert not bool(metrics['finite'])
