@@ -26,11 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   # <split>.npz (images), <split>.csv|.tsv|.jsonl (classify_text).
   c.data.name = 'tiny_shakespeare'
   c.data.data_dir = ''            # TFDS data dir; '' means TFDS's default (~/tensorflow_datasets).
-  c.data.text_key = 'text'        # Feature holding the text in a TFDS text dataset.
+  c.data.text_key = 'text'        # TFDS feature (labelled text: column or JSON key) of the text.
   c.data.train_split = 'train'    # Split to train on.
   c.data.eval_split = 'validation'  # Split `eval_every` and `--mode=eval` measure.
   c.data.test_split = ''          # Extra split evaluated at the end ('' = none).
-  c.data.tokenizer = 'char'       # 'char', 'byte' or 'sentencepiece'.
+  c.data.tokenizer = 'char'       # 'char', 'byte', 'word' or 'sentencepiece'.
   c.data.tokenizer_path = ''      # SentencePiece model file (`python -m lm.tokenizer train`).
   c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
   c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_padding = 'constant'  # classify: crop padding, 'constant' (zeros) or 'reflect'.
   c.data.eval_batch_size = 0      # classify: eval batch (0 = a multiple of batch_size >= 512).
   c.data.positive_label = ''      # Two classes: the positive one for F1 and thresholds ('' = 2nd).
+  c.data.label_key = 'label'      # Labelled text: column, JSON key or TFDS feature of the label.
+  c.data.max_len = 0              # Labelled text: tokens per example, [CLS] included (0 = seq_len).
+  c.data.vocab_size = 20000       # word tokenizer: most frequent train words kept (+3 specials).
+  c.data.oversample = False       # classify: draw examples with weight 1/(their class count).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.

@@ -1,8 +1,9 @@
-"""Tokenizers: characters, UTF-8 bytes, or a trained SentencePiece model.
+"""Tokenizers: characters, UTF-8 bytes, words, or a trained SentencePiece model.
 
-All three share one duck-typed interface: `vocab_size`, `encode(text) -> int32 [N]`,
+All four share one duck-typed interface: `vocab_size`, `encode(text) -> int32 [N]`,
 `decode(ids) -> str` and `to_json()`; `from_json` reverses the last, so a workdir's
-`tokenizer.json` is enough to sample without the dataset.
+`tokenizer.json` is enough to sample without the dataset. A classifier also needs a padding
+and a [CLS] id: `specials(tokenizer)` says which ids those are and how big the model's vocab is.
 
 Train a SentencePiece model offline (the train split only, so validation stays unseen):
 
@@ -12,8 +13,11 @@ Train a SentencePiece model offline (the train split only, so validation stays u
 
 import argparse
 import base64
+import collections
+import dataclasses
 import io
 import os
+import re
 import sys
 
 from absl import logging
@@ -113,6 +117,67 @@ class SentencePieceTokenizer:
             'model_proto_base64': base64.b64encode(self.model_proto).decode('ascii')}
 
 
+class WordTokenizer:
+  """Lower-cased words and single punctuation marks, the most frequent of the train text.
+
+  Ids 0, 1 and 2 are [PAD], [UNK] and [CLS]; words follow by falling train count, ties by
+  word, so the same text always builds the same vocab. A word is a run of Unicode letters,
+  digits or underscores; "don't" is three tokens (don ' t), which needs no language rules.
+  """
+
+  PAD, UNK, CLS = 0, 1, 2
+  SPECIALS = ('[PAD]', '[UNK]', '[CLS]')
+  _TOKEN = re.compile(r'\w+|[^\w\s]')
+
+  def __init__(self, words):
+    self.words = tuple(words)
+    if len(set(self.words)) != len(self.words):
+      raise ValueError('WordTokenizer words must be distinct')
+    self._ids = {w: i for i, w in enumerate(self.words, start=len(self.SPECIALS))}
+
+  @classmethod
+  def from_text(cls, text: str, max_words: int) -> 'WordTokenizer':
+    counts = collections.Counter(cls._TOKEN.findall(text.lower()))
+    ranked = sorted(counts.items(), key=lambda word_count: (-word_count[1], word_count[0]))
+    return cls(word for word, _ in ranked[:max_words])
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.SPECIALS) + len(self.words)
+
+  def encode(self, text: str) -> np.ndarray:
+    ids = self._ids
+    return np.fromiter([ids.get(w, self.UNK) for w in self._TOKEN.findall(text.lower())], np.int32)
+
+  def decode(self, ids) -> str:
+    names = self.SPECIALS + self.words
+    return ' '.join(names[i] for i in _in_vocab(ids, self.vocab_size) if i != self.PAD)
+
+  def to_json(self) -> dict:
+    return {'kind': 'word', 'vocab_size': self.vocab_size, 'words': list(self.words)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+  """The padding and [CLS] ids of a tokenizer, and the vocab a model must embed for it."""
+  pad_id: int
+  cls_id: int
+  vocab_size: int  # Tokenizer ids plus any appended specials.
+
+
+def specials(tokenizer) -> Specials:
+  """The word tokenizer reserves its own; byte, char and SentencePiece get two appended.
+
+  Every id of those three is text (even SentencePiece here: it is trained with no pad, BOS or
+  EOS), so padding is `vocab_size` and [CLS] `vocab_size + 1`: ids >= tokenizer.vocab_size
+  are exactly the specials, and `decode` already drops them.
+  """
+  if isinstance(tokenizer, WordTokenizer):
+    return Specials(WordTokenizer.PAD, WordTokenizer.CLS, tokenizer.vocab_size)
+  v = tokenizer.vocab_size
+  return Specials(pad_id=v, cls_id=v + 1, vocab_size=v + 2)
+
+
 def from_json(d: dict):
   """Rebuilds a tokenizer from its `to_json()` dict."""
   kind = d.get('kind')
@@ -120,22 +185,29 @@ def from_json(d: dict):
     return CharTokenizer(d['chars'])
   if kind == 'byte':
     return ByteTokenizer()
+  if kind == 'word':
+    return WordTokenizer(d['words'])
   if kind == 'sentencepiece':
     return SentencePieceTokenizer(base64.b64decode(d['model_proto_base64']))
   raise ValueError(f'unknown tokenizer kind {kind!r} in tokenizer json')
 
 
 def build(data_cfg, train_text: str):
-  """Picks the tokenizer `data_cfg.tokenizer` names; char builds its vocab from `train_text`."""
+  """Picks the tokenizer `data_cfg.tokenizer` names; char and word build from `train_text`."""
   name = data_cfg.tokenizer
   if name == 'char':
     return CharTokenizer.from_text(train_text)
   if name == 'byte':
     return ByteTokenizer()
+  if name == 'word':
+    if data_cfg.vocab_size <= 0:
+      raise ConfigError(f'data.vocab_size={data_cfg.vocab_size}: the word tokenizer needs at '
+                        'least one word; set --config.data.vocab_size (e.g. 20000)')
+    return WordTokenizer.from_text(train_text, data_cfg.vocab_size)
   if name == 'sentencepiece':
     return _load_sentencepiece(data_cfg.tokenizer_path)
-  raise ConfigError(f'unknown tokenizer {name!r}; set --config.data.tokenizer to char, byte '
-                    'or sentencepiece')
+  raise ConfigError(f'unknown tokenizer {name!r}; set --config.data.tokenizer to char, byte, '
+                    'word or sentencepiece')
 
 
 def _load_sentencepiece(path: str) -> SentencePieceTokenizer:

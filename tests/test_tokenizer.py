@@ -150,3 +150,45 @@ def test_char_vocab_of_tiny_shakespeare_is_65():
   tok = tokenizer_lib.CharTokenizer.from_text(text)
   assert tok.vocab_size == 65
   assert tok.decode(tok.encode(text[:5000])) == text[:5000]
+
+
+def test_word_vocab_is_most_frequent_words_ties_by_word():
+  text = 'B b a. c c, C! a b'
+  tok = tokenizer_lib.WordTokenizer.from_text(text, max_words=3)
+  # b and c: 3 each (lower-cased), then a: 2; the marks '.', ',', '!' (1 each) are cut.
+  assert tok.words == ('b', 'c', 'a')
+  assert tok.vocab_size == 6
+  assert tokenizer_lib.WordTokenizer.from_text('c c, C! a b B b a.', 3).words == tok.words
+  full = tokenizer_lib.WordTokenizer.from_text(text, max_words=100)
+  assert full.words == ('b', 'c', 'a', '!', ',', '.')
+
+
+def test_word_encode_specials_and_round_trip():
+  tok = tokenizer_lib.WordTokenizer.from_text("The café isn't open; the end.", 100)
+  W = tokenizer_lib.WordTokenizer
+  assert (W.PAD, W.UNK, W.CLS) == (0, 1, 2)
+  ids = tok.encode('THE Café, zebra!')
+  assert ids.dtype == np.int32
+  assert ids[0] == tok.encode('the')[0] >= 3
+  assert tok.decode(ids) == 'the café [UNK] [UNK] [UNK]'  # ',' and '!' are unseen words too.
+  assert tok.decode([W.CLS, *tok.encode("isn't"), W.PAD, W.PAD]) == "[CLS] isn ' t"
+  again = _json_round_trip(tok)
+  assert again.words == tok.words
+  np.testing.assert_array_equal(again.encode('the end'), tok.encode('the end'))
+
+
+def test_build_word_uses_data_vocab_size():
+  tok = tokenizer_lib.build(_data_cfg(tokenizer='word', vocab_size=2), 'a a b b c')
+  assert tok.words == ('a', 'b') and tok.vocab_size == 5
+  with pytest.raises(ConfigError, match='--config.data.vocab_size'):
+    tokenizer_lib.build(_data_cfg(tokenizer='word', vocab_size=0), 'a')
+
+
+def test_specials_are_reserved_for_words_and_appended_otherwise():
+  word = tokenizer_lib.WordTokenizer(['a', 'b'])
+  assert tokenizer_lib.specials(word) == tokenizer_lib.Specials(pad_id=0, cls_id=2, vocab_size=5)
+  assert tokenizer_lib.specials(tokenizer_lib.ByteTokenizer()) == tokenizer_lib.Specials(
+      pad_id=256, cls_id=257, vocab_size=258)
+  char = tokenizer_lib.CharTokenizer.from_text('abc')
+  assert tokenizer_lib.specials(char).pad_id == 3 and tokenizer_lib.specials(char).cls_id == 4
+  assert char.decode([0, 3, 4, 1]) == 'ab'  # Specials decode to nothing.
