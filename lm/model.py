@@ -18,7 +18,8 @@ Performance notes (XLA:CPU; each choice is cheap or neutral on GPU/TPU):
   * Attention runs with heads as a major axis ([B, H, L, Q]), so its batched matmuls need no
     layout transposes; XLA:CPU transposes around `BTNH` einsums cost more than the matmuls.
   * q, k and v come from one fused [D, 3*H*Q] matmul (wider matmuls run nearer peak on CPU).
-On GPU with a 16-bit dtype the attention goes through cuDNN's fused kernel instead.
+On GPU with a 16-bit dtype the attention goes through cuDNN's fused kernel instead, unless
+padding masks it (the classifier) or a KV cache does (decoding).
 """
 
 import dataclasses
@@ -192,7 +193,7 @@ def _use_cudnn(dtype) -> bool:
   return jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
 
 
-# Masked logits: a large negative finite value, so a row with every key masked is no -inf - -inf.
+# Masked logits are finite: a row with every key masked then has equal logits, not NaN.
 _MASKED = jnp.finfo(jnp.float32).min
 
 
@@ -423,7 +424,7 @@ class Classifier(Trunk):
   text when the trunk is causal (an LM fine-tuned into a classifier). The head's parameters,
   `cls_head` [D, K] and `cls_head_bias` [K], are the only ones the LM does not have.
   """
-  num_classes: int = 2
+  num_classes: int
   pool: str = 'mean'
   head_dropout: float = 0.0  # On the pooled features; the trunk's dropout is config.dropout.
 
@@ -447,6 +448,7 @@ class Classifier(Trunk):
 
   @nn.compact
   def __call__(self, tokens_BxL, token_mask_BxL=None, *, train: bool = False):
+    """token_mask_BxL: True at real tokens, False at padding; None when nothing is padding."""
     cfg = self.config
     b, length = tokens_BxL.shape
     if cfg.pos == 'learned' and length > cfg.seq_len:
