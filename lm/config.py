@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0           # Dropout on residual branches and embeddings.
   c.model.dtype = 'float32'       # Compute dtype ('bfloat16' on accelerators); params stay float32.
   c.model.remat = False           # Rematerialise each block in the backward pass.
+  c.model.causal = True           # Causal attention; False: a bidirectional encoder (classifiers).
+  c.model.pool = 'mean'           # Text classifier: mean, cls (first token) or last (last non-pad).
+  c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
 

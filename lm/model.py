@@ -1,9 +1,15 @@
-"""Decoder-only Transformer (GPT-2 style, pre-norm) in flax.linen.
+"""Transformer (GPT-2 style, pre-norm) in flax.linen: a decoder-only LM and a text classifier.
+
+Both models are one trunk (token and position embeddings, blocks, final norm) with a different
+head: `Transformer` projects every position onto the vocabulary, `Classifier` pools positions
+into class logits. The trunk's parameters have the same paths in both, so either one's
+checkpoint can seed the other.
 
 Shape key:
   B: batch        L: query length      S: key/value length (the cache length when decoding)
   D: d_model      H: heads             Q: head dim (D / H)
   F: MLP width    V: vocab size        T: 3 (query, key, value) or 2 (SwiGLU gate and value)
+  K: classes
 
 Every parameter carries logical axis names (mapped to mesh axes by lm/sharding.py) and float32
 storage; activations are computed in `config.dtype`.
@@ -12,7 +18,8 @@ Performance notes (XLA:CPU; each choice is cheap or neutral on GPU/TPU):
   * Attention runs with heads as a major axis ([B, H, L, Q]), so its batched matmuls need no
     layout transposes; XLA:CPU transposes around `BTNH` einsums cost more than the matmuls.
   * q, k and v come from one fused [D, 3*H*Q] matmul (wider matmuls run nearer peak on CPU).
-On GPU with a 16-bit dtype the attention goes through cuDNN's fused kernel instead.
+On GPU with a 16-bit dtype the attention goes through cuDNN's fused kernel instead, unless
+padding masks it (the classifier) or a KV cache does (decoding).
 """
 
 import dataclasses
@@ -45,6 +52,7 @@ class TransformerConfig:
   dropout: float = 0.0
   dtype: Any = jnp.float32  # Compute dtype; params are always float32.
   remat: bool = False
+  causal: bool = True  # False: bidirectional attention, for an encoder (never the LM).
 
   @property
   def head_dim(self) -> int:
@@ -80,7 +88,7 @@ class TransformerConfig:
         d_model=m.d_model, mlp_dim=m.mlp_dim or 4 * m.d_model, seq_len=m.seq_len,
         pos=m.pos, norm=m.norm, mlp=m.mlp, use_bias=m.use_bias,
         tie_embeddings=m.tie_embeddings, dropout=m.dropout, dtype=_DTYPES[m.dtype],
-        remat=m.remat)
+        remat=m.remat, causal=m.causal)
 
 
 def _check_choice(field, value, choices):
@@ -96,11 +104,34 @@ def flops_per_token(cfg: TransformerConfig) -> float:
   are left out: they cost no matmul. 12 * L * H * Q * T is the attention's score and value
   matmuls over the full (unmasked) context T = seq_len, forward and backward.
   """
-  d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+  n = _block_weights(cfg) + cfg.d_model * cfg.vocab_size
+  return 6.0 * n + _attention_flops(cfg, cfg.seq_len)
+
+
+def classifier_flops_per_example(cfg: TransformerConfig, num_classes: int,
+                                 length: int = 0) -> float:
+  """Training FLOPs of one `length`-token example (0: seq_len) through `Classifier`.
+
+  The LM's per-token count without the vocabulary projection (the classifier only looks up
+  the table), times the length, plus the head's D x K matmul once per example. Padding
+  positions are counted: they are computed. Bidirectional attention costs what causal does
+  here, since the causal count already assumes the full context.
+  """
+  length = length or cfg.seq_len
+  per_token = 6.0 * _block_weights(cfg) + _attention_flops(cfg, length)
+  return length * per_token + 6.0 * cfg.d_model * num_classes
+
+
+def _block_weights(cfg: TransformerConfig) -> int:
+  """Matmul weights of all blocks: attention q, k, v, out and the MLP kernels."""
+  d, f = cfg.d_model, cfg.mlp_dim
   mlp_in = 2 * d * f if cfg.mlp == 'swiglu' else d * f
-  per_layer = 4 * d * d + mlp_in + f * d
-  n = layers * per_layer + d * cfg.vocab_size
-  return 6.0 * n + 12.0 * layers * cfg.num_heads * cfg.head_dim * cfg.seq_len
+  return cfg.num_layers * (4 * d * d + mlp_in + f * d)
+
+
+def _attention_flops(cfg: TransformerConfig, context: int) -> float:
+  """Per query token: scores and weighted values over `context` keys, forward and backward."""
+  return 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
 def _param(module, name, init, shape, axes):
@@ -162,32 +193,55 @@ def _use_cudnn(dtype) -> bool:
   return jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
 
 
-def _attend(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, mask_LxS, dtype):
-  """Softmax attention on heads-major arrays; a plain einsum formulation."""
-  if mask_LxS is None and _use_cudnn(dtype):
+# Masked logits are finite: a row with every key masked then has equal logits, not NaN.
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def _attend(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, dtype, *, causal: bool, key_mask_BxS=None,
+            query_start=None):
+  """Softmax attention on heads-major arrays.
+
+  causal: query l, at absolute position query_start + l, sees the keys at positions up to its
+  own; query_start is the cache index when decoding and None otherwise (queries and keys then
+  both start at 0). key_mask_BxS: False at padding keys, which no query sees. A query that
+  sees no key at all (a fully padded row) gets zeros, and finite gradients.
+  """
+  if key_mask_BxS is None and query_start is None and _use_cudnn(dtype):
+    # cuDNN only where nothing but causality masks; how it treats a query with no valid key
+    # has not been checked, so padding takes the einsum below.
     to_blhq = lambda t: t.transpose(0, 2, 1, 3)
     out_BxLxHxQ = jax.nn.dot_product_attention(
-        to_blhq(q_BxHxLxQ), to_blhq(k_BxHxSxQ), to_blhq(v_BxHxSxQ), is_causal=True,
+        to_blhq(q_BxHxLxQ), to_blhq(k_BxHxSxQ), to_blhq(v_BxHxSxQ), is_causal=causal,
         implementation='cudnn')
     return out_BxLxHxQ.transpose(0, 2, 1, 3)
-  if mask_LxS is None:
-    length = q_BxHxLxQ.shape[2]
-    mask_LxS = jnp.tril(jnp.ones((length, length), bool))
   scale = 1.0 / math.sqrt(q_BxHxLxQ.shape[-1])
   logits_BxHxLxS = jnp.einsum('bhlq,bhsq->bhls', q_BxHxLxQ * scale, k_BxHxSxQ,
                               preferred_element_type=jnp.float32)
-  logits_BxHxLxS = jnp.where(mask_LxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(dtype)
-  return jnp.einsum('bhls,bhsq->bhlq', probs_BxHxLxS, v_BxHxSxQ)
+  mask = None  # Broadcasts against [B, H, L, S].
+  if causal:
+    length, keys = q_BxHxLxQ.shape[2], k_BxHxSxQ.shape[2]
+    start = 0 if query_start is None else query_start
+    mask = jnp.arange(keys)[None, :] <= (start + jnp.arange(length))[:, None]  # [L, S]
+  if key_mask_BxS is not None:
+    key_Bx1x1xS = key_mask_BxS[:, None, None, :]
+    mask = key_Bx1x1xS if mask is None else mask & key_Bx1x1xS
+  if mask is not None:
+    logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, _MASKED)
+  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+  if key_mask_BxS is not None:
+    # A query with no valid key has equal logits everywhere: without this it would average the
+    # padding's values. Elsewhere masked probabilities are already exactly 0.
+    probs_BxHxLxS = jnp.where(mask, probs_BxHxLxS, 0.0)
+  return jnp.einsum('bhls,bhsq->bhlq', probs_BxHxLxS.astype(dtype), v_BxHxSxQ)
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention with an optional KV cache."""
+  """Multi-head self-attention, causal unless `config.causal` is False, with a KV cache."""
   config: TransformerConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_L):
+  def __call__(self, x_BxLxD, positions_L, key_mask_BxS=None):
     cfg = self.config
     b, length = x_BxLxD.shape[:2]
     d, h, q = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -205,10 +259,11 @@ class Attention(nn.Module):
       q_BxHxLxQ = _rope(q_BxHxLxQ, positions_L)
       k_BxHxLxQ = _rope(k_BxHxLxQ, positions_L)
 
-    mask_LxS = None
+    query_start = None
     if self.decode:
-      k_BxHxLxQ, v_BxHxLxQ, mask_LxS = self._update_cache(k_BxHxLxQ, v_BxHxLxQ)
-    out_BxHxLxQ = _attend(q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ, mask_LxS, cfg.dtype)
+      k_BxHxLxQ, v_BxHxLxQ, query_start = self._update_cache(k_BxHxLxQ, v_BxHxLxQ)
+    out_BxHxLxQ = _attend(q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ, cfg.dtype, causal=cfg.causal,
+                          key_mask_BxS=key_mask_BxS, query_start=query_start)
     out_BxLxHQ = out_BxHxLxQ.transpose(0, 2, 1, 3).reshape(b, length, h * q)
 
     init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
@@ -220,7 +275,8 @@ class Attention(nn.Module):
     return y_BxLxD
 
   def _update_cache(self, k_BxHxLxQ, v_BxHxLxQ):
-    """Writes this call's keys/values at the cache index; returns the whole cache and mask.
+    """Writes this call's keys/values at the cache index; returns the whole cache and the
+    index, the position of this call's first query (None when nothing is cached yet).
 
     The first call (from `init`) only creates the cache, sized by its input length.
     """
@@ -231,14 +287,12 @@ class Attention(nn.Module):
     index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
     if not is_initialized:
       return k_BxHxLxQ, v_BxHxLxQ, None
-    length, max_len = k_BxHxLxQ.shape[2], cached_k.value.shape[2]
+    length = k_BxHxLxQ.shape[2]
     i = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxHxLxQ, (0, 0, i, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxHxLxQ, (0, 0, i, 0))
     index.value = i + length
-    # Query t sits at position i + t and sees every cached position up to its own.
-    mask_LxS = jnp.arange(max_len)[None, :] <= (i + jnp.arange(length))[:, None]
-    return cached_k.value, cached_v.value, mask_LxS
+    return cached_k.value, cached_v.value, i
 
 
 class Mlp(nn.Module):
@@ -280,27 +334,33 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_L):
+  def __call__(self, x_BxLxD, positions_L, key_mask_BxL=None):
     cfg = self.config
     drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
     h = Attention(cfg, decode=self.decode, name='attn')(Norm(cfg, name='norm_attn')(x_BxLxD),
-                                                        positions_L)
+                                                        positions_L, key_mask_BxL)
     x_BxLxD = _constrain(x_BxLxD + drop(h), _RESIDUAL)
     h = Mlp(cfg, name='mlp')(Norm(cfg, name='norm_mlp')(x_BxLxD))
     return _constrain(x_BxLxD + drop(h), _RESIDUAL)
 
 
-class Transformer(nn.Module):
-  """Token ids [B, L] -> next-token logits [B, L, V] in float32."""
+class Trunk(nn.Module):
+  """Base of both models: token and position embeddings, the blocks and the final norm.
+
+  A base class rather than a submodule, so its parameters sit at the top of either model's
+  tree (`embedding`, `pos_embedding`, `block_<i>/...`, `norm_final/...`) with the same shapes
+  and logical axes: an LM checkpoint seeds a classifier, and back, by parameter path.
+  """
   config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, tokens_BxL, *, train: bool = False, decode: bool = False):
+  def _encode(self, tokens_BxL, positions_L, key_mask_BxL, *, train: bool, decode: bool = False):
+    """Final-norm hidden states [B, L, D], and the token table [V, D] for a tied head.
+
+    key_mask_BxL is False at padding, which no position attends to; None when nothing is.
+    """
     cfg = self.config
     d, v = cfg.d_model, cfg.vocab_size
-    length = tokens_BxL.shape[1]
     embedding_VxD = _param(self, 'embedding', _normal(0.02), (v, d), ('vocab', 'embed'))
-    positions_L = self._positions(length, decode)
     x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
     if cfg.pos == 'learned':
       pos_SxD = _param(self, 'pos_embedding', _normal(0.02), (cfg.seq_len, d), (None, 'embed'))
@@ -310,9 +370,27 @@ class Transformer(nn.Module):
 
     block = nn.remat(Block) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x_BxLxD = block(cfg, train=train, decode=decode, name=f'block_{i}')(x_BxLxD, positions_L)
-    x_BxLxD = Norm(cfg, name='norm_final')(x_BxLxD)
+      x_BxLxD = block(cfg, train=train, decode=decode, name=f'block_{i}')(
+          x_BxLxD, positions_L, key_mask_BxL)
+    return Norm(cfg, name='norm_final')(x_BxLxD), embedding_VxD
 
+
+class Transformer(Trunk):
+  """Token ids [B, L] -> next-token logits [B, L, V] in float32."""
+
+  def __post_init__(self):
+    if not self.config.causal:
+      raise ConfigError('model.causal=False lets a language model see the tokens it predicts; '
+                        'set model.causal=True (bidirectional is for a classifier)')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens_BxL, *, train: bool = False, decode: bool = False):
+    cfg = self.config
+    d, v = cfg.d_model, cfg.vocab_size
+    positions_L = self._positions(tokens_BxL.shape[1], decode)
+    x_BxLxD, embedding_VxD = self._encode(tokens_BxL, positions_L, None, train=train,
+                                          decode=decode)
     if cfg.tie_embeddings:
       head_DxV = embedding_VxD.T
     else:
@@ -333,6 +411,77 @@ class Transformer(nn.Module):
         start = position.value
         position.value = start + length
     return start + jnp.arange(length)
+
+
+_POOLS = ('mean', 'cls', 'last')
+
+
+class Classifier(Trunk):
+  """Token ids [B, L] and a mask (False at padding) -> class logits [B, K] in float32.
+
+  pool: 'mean' averages the non-pad positions; 'cls' takes the first position (the data puts
+  a [CLS] id there); 'last' takes the last non-pad position, the one that has seen the whole
+  text when the trunk is causal (an LM fine-tuned into a classifier). The head's parameters,
+  `cls_head` [D, K] and `cls_head_bias` [K], are the only ones the LM does not have.
+  """
+  num_classes: int
+  pool: str = 'mean'
+  head_dropout: float = 0.0  # On the pooled features; the trunk's dropout is config.dropout.
+
+  def __post_init__(self):
+    _check_choice('pool', self.pool, _POOLS)
+    if self.num_classes < 2:
+      raise ConfigError(f'model.num_classes={self.num_classes} must be at least 2')
+    if not 0.0 <= self.head_dropout < 1.0:
+      raise ConfigError(f'model.head_dropout={self.head_dropout} must be in [0, 1)')
+    if self.pool == 'cls' and self.config.causal:
+      raise ConfigError('model.pool=cls with model.causal=True pools a position that sees only '
+                        'itself; set model.causal=False or model.pool=last')
+    super().__post_init__()
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> 'Classifier':
+    """Builds the classifier from `config.model`, raising ConfigError on bad values."""
+    return cls(TransformerConfig.from_config(model_cfg, vocab_size),
+               num_classes=model_cfg.num_classes, pool=model_cfg.pool,
+               head_dropout=model_cfg.head_dropout)
+
+  @nn.compact
+  def __call__(self, tokens_BxL, token_mask_BxL=None, *, train: bool = False):
+    """token_mask_BxL: True at real tokens, False at padding; None when nothing is padding."""
+    cfg = self.config
+    b, length = tokens_BxL.shape
+    if cfg.pos == 'learned' and length > cfg.seq_len:
+      # jnp.take would fill the missing positions with NaN.
+      raise ValueError(f'{length} tokens do not fit the {cfg.seq_len} learned positions')
+    x_BxLxD, _ = self._encode(tokens_BxL, jnp.arange(length), token_mask_BxL, train=train)
+    if token_mask_BxL is None:
+      token_mask_BxL = jnp.ones((b, length), bool)
+    pooled_BxD = _pool(x_BxLxD, token_mask_BxL, self.pool)
+    pooled_BxD = nn.Dropout(self.head_dropout, deterministic=not train,
+                            name='head_dropout')(pooled_BxD)
+    k = self.num_classes
+    # Classes stay replicated: K is small, and often not divisible by the tensor axis.
+    w_DxK = _param(self, 'cls_head', _normal(0.02), (cfg.d_model, k), ('embed', None))
+    b_K = _param(self, 'cls_head_bias', nn.initializers.zeros, (k,), (None,))
+    logits_BxK = jnp.dot(pooled_BxD.astype(cfg.dtype), w_DxK.astype(cfg.dtype),
+                         preferred_element_type=jnp.float32) + b_K
+    return _constrain(logits_BxK, ('act_batch', None))
+
+
+def _pool(x_BxLxD, mask_BxL, pool: str):
+  """Each row's features [B, D] in float32, as a weighted sum over its positions."""
+  b, length = mask_BxL.shape
+  if pool == 'mean':
+    valid_BxL = mask_BxL.astype(jnp.float32)
+    # At least 1: a fully padded row pools to zeros, not 0 / 0.
+    weights_BxL = valid_BxL / jnp.maximum(valid_BxL.sum(axis=1, keepdims=True), 1.0)
+  else:
+    # The first position, or the last valid one (the first in a fully padded row).
+    index_B = (jnp.zeros((b,), jnp.int32) if pool == 'cls' else
+               jnp.max(jnp.where(mask_BxL, jnp.arange(length), 0), axis=1))
+    weights_BxL = jax.nn.one_hot(index_B, length, dtype=jnp.float32)
+  return jnp.einsum('bld,bl->bd', x_BxLxD.astype(jnp.float32), weights_BxL)
 
 
 def init_cache(model: Transformer, batch_size: int, max_len: int):
