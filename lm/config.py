@@ -70,11 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.
-  c.train.epochs = 0.0            # classify: if > 0, sets `steps` from the train set size.
+  c.train.epochs = 0.0            # If > 0, sets `steps` from the train set size.
   c.train.batch_size = 12         # Global batch, across all devices and processes.
   c.train.grad_accum_steps = 1    # Micro-batches per step; batch_size is split between them.
   c.train.log_every = 100         # Steps between metric lines.
   c.train.eval_every = 500        # Steps between evaluations (0 = only at the end).
+  c.train.eval_every_epochs = 0.0  # If > 0, evaluate every this many epochs instead.
   c.train.eval_batches = 20       # lm: batches per evaluation (classify: the whole split).
   c.train.checkpoint_every = 500  # Steps between checkpoints (always one at the end).
   c.train.keep_checkpoints = 3    # Checkpoints kept on disk.

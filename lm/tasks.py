@@ -35,10 +35,8 @@ from lm.config import ConfigError
 
 def build(config, workdir: str) -> 'Task':
   """The task `config.task` names."""
-  kinds = {'lm': LanguageModel, 'classify': ImageClassification}
-  if config.task == 'classify_text':
-    from lm import text_task  # pylint: disable=g-import-not-at-top
-    kinds['classify_text'] = text_task.TextClassification
+  kinds = {'lm': LanguageModel, 'classify': ImageClassification,
+           'classify_text': TextClassification}
   if config.task not in kinds:
     raise ConfigError(f'task={config.task!r} is unknown; use one of '
                       'lm, classify, classify_text')
@@ -381,3 +379,49 @@ class ImageClassification(Classification):
 
   def logits(self, params, model_state, batch, *, train: bool, rng=None):
     return apply(self.model, params, model_state, (batch['image'],), train=train, rng=rng)
+
+
+class TextClassification(Classification):
+  """A Transformer encoder (lm/model.py's Classifier) on labelled text (lm/labelled_text.py).
+
+  The tokenizer and the label names are saved in the workdir and reused on resume, by
+  `--mode=eval` and by `lm.predict`, so ids and class indices mean the same thing everywhere.
+  """
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    from lm import data, labelled_text, model  # pylint: disable=g-import-not-at-top
+    tokenizer = (data.load_tokenizer(workdir)
+                 if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
+    labels = (labelled_text.load_labels(workdir)
+              if os.path.exists(labelled_text.labels_path(workdir)) else None)
+    self.data = labelled_text.make(config, tokenizer, labels, jax.process_index(),
+                                   jax.process_count(), cls=config.model.pool == 'cls')
+    self._setup_classes(self.data.class_names, self.data.class_counts)
+    self.model = model.Classifier.from_config(config.model, self.data.vocab_size)
+    if self.data.max_len > self.model.config.seq_len:
+      raise ConfigError(f'data.max_len={self.data.max_len} exceeds model.seq_len='
+                        f'{self.model.config.seq_len}; raise model.seq_len or lower data.max_len')
+    self.items_per_step = config.train.batch_size
+
+  def init(self, rng, batch):
+    return self.model.init({'params': rng, 'dropout': rng}, jnp.zeros_like(batch['tokens']),
+                           batch['token_mask'], train=False)
+
+  def logits(self, params, model_state, batch, *, train: bool, rng=None):
+    return apply(self.model, params, model_state, (batch['tokens'], batch['token_mask']),
+                 train=train, rng=rng)
+
+  def flops_per_step(self, variables, batch) -> float:
+    """6N per token plus attention, over the padded length (what the step computes)."""
+    del variables, batch
+    from lm import model  # pylint: disable=g-import-not-at-top
+    return model.classifier_flops_per_example(
+        self.model.config, self.num_classes, self.data.max_len) * self.items_per_step
+
+  def write_files(self, workdir: str) -> None:
+    from lm import data, labelled_text  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+      data.save_tokenizer(workdir, self.data.tokenizer)
+    if not os.path.exists(labelled_text.labels_path(workdir)):
+      labelled_text.save_labels(workdir, self.data.class_names)

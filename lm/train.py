@@ -29,7 +29,8 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError, to_json
 
 # Fields that may change between a run and its resumption without `resume_mismatch=ignore`.
-_RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+_RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
+                      'train.eval_every_epochs', 'train.eval_batches',
                       'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
                       'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
                       'resume_mismatch')
@@ -62,6 +63,10 @@ class Trainer:
     self._check_config_drift()
     self.task = tasks.build(config, workdir)
     self.steps = self.task.steps()
+    self.eval_every = config.train.eval_every
+    if config.train.eval_every_epochs > 0:
+      self.eval_every = max(1, round(config.train.eval_every_epochs *
+                                     self.task.data.steps_per_epoch))
     self.tx, schedule = optim.make(config.optim, self.steps)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
@@ -269,7 +274,7 @@ class Trainer:
       pending = (step, m)
       done = step + 1
       is_last = done == self.steps
-      eval_due = is_last or (c.eval_every and done % c.eval_every == 0)
+      eval_due = is_last or (self.eval_every and done % self.eval_every == 0)
       stopping = stop.should_stop(done, c.log_every) or done == stop_after
       ckpt_due = is_last or done % c.checkpoint_every == 0 or stopping
       if not (eval_due or ckpt_due):

@@ -1,0 +1,29 @@
+"""SMS spam filtering with a small Transformer encoder: imbalanced (13% spam), binary.
+
+  python -m lm.main --config=experiments/sms_spam.py --workdir=/tmp/spam \
+      --config.data.data_dir=../shared/text/sms_spam
+
+Word tokens (the 10,000 most frequent train words), 2 bidirectional blocks of width 64,
+masked mean pooling, a softmax head; Adam 1e-3, cross-entropy with 'balanced' class weights,
+batch 32, 10 epochs; 10% of train held out for validation (accuracy, F1 and the decision
+threshold chosen there each epoch), the test split evaluated at the end with that threshold.
+Result: see the README's results table (measured figures, with the date).
+"""
+
+from lm import config as base
+
+
+def get_config():
+  c = base.get_config()
+  c.task = 'classify_text'
+  c.data.update(name='', data_dir='', text_key='text', label_key='label', tokenizer='word',
+                vocab_size=10000, max_len=64, train_split='train', val_fraction=0.1,
+                eval_split='validation', test_split='test', positive_label='spam')
+  c.model.update(num_layers=2, num_heads=4, d_model=64, seq_len=64, causal=False, pool='mean',
+                 num_classes=2, dropout=0.1)
+  c.mesh.cpu_devices = 1  # A step this small runs faster on one CPU device than split.
+  c.train.update(epochs=10, batch_size=32, log_every=50, eval_every_epochs=1,
+                 checkpoint_every=500, class_weights='balanced')
+  c.optim.update(name='adam', lr=1e-3, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999,
+                 weight_decay=0.0, clip_norm=1.0)
+  return c
