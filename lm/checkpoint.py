@@ -15,17 +15,47 @@ import orbax.checkpoint as ocp
 from lm.config import ConfigError
 
 
-def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-  # cleanup_tmp_directories: a save killed half-way leaves a temporary directory, which is
-  # never read as a checkpoint and is removed when the next run opens the manager.
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
+def _directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """The training run's manager, or with `read_only` a reader's (see `reader`)."""
+  if read_only:
+    # Orbax's defaults write on open: `create` makes the directory, `cleanup_tmp_directories`
+    # deletes the save the trainer has in flight (it killed a run that was being sampled).
+    # read_only also turns off save and delete; no root metadata means no file and no
+    # cross-process barrier on open.
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                           cleanup_tmp_directories=False,
+                                           save_root_metadata=False,
+                                           enable_async_checkpointing=False)
+  else:
+    # cleanup_tmp_directories: a save killed half-way leaves a temporary directory, which is
+    # never read as a checkpoint and is removed when the next run opens the manager. Only
+    # the one run that holds the workdir lock may do that.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
   # The handler named up front lets item_metadata() read a checkpoint's tree before any
   # restore, which restoring onto a different device count (sampling on one device what
   # training wrote on several) needs.
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_handlers=ocp.StandardCheckpointHandler())
+  return ocp.CheckpointManager(_directory(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def reader(workdir: str) -> ocp.CheckpointManager:
+  """A manager that only reads: safe to open while another process trains in `workdir`."""
+  return manager(workdir, read_only=True)
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint's step, listed as orbax lists them; opens no manager."""
+  directory = _directory(workdir)
+  if not os.path.isdir(directory):
+    return None
+  meta = ocp.path.step.latest_step_metadata(directory, ocp.path.step.standard_name_format())
+  return None if meta is None else meta.step
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:

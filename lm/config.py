@@ -6,6 +6,7 @@ The returned ConfigDict is locked, so a mistyped override is an error rather tha
 
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -118,6 +119,45 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.lock()
   return c
+
+
+# (field, lowest allowed, whether the lowest itself is allowed): checked before anything runs,
+# so a bad value is one line at start, not a NaN at step 0 or a poisoned workdir.
+_NUMBERS = (
+    ('train.steps', 1, True), ('train.epochs', 0, True), ('train.batch_size', 1, True),
+    ('train.grad_accum_steps', 1, True), ('train.log_every', 1, True),
+    ('train.eval_every', 0, True), ('train.eval_every_epochs', 0, True),
+    ('train.eval_batches', 1, True), ('train.checkpoint_every', 1, True),
+    ('train.keep_checkpoints', 1, True), ('train.max_rollbacks', 0, True),
+    ('train.ema_decay', 0, True), ('train.focal_gamma', 0, True),
+    ('optim.lr', 0, False), ('optim.warmup_steps', 0, True), ('optim.min_lr', 0, True),
+    ('optim.decay_steps', 0, True), ('optim.step_factor', 0, True), ('optim.b1', 0, True),
+    ('optim.b2', 0, True), ('optim.eps', 0, True), ('optim.momentum', 0, True),
+    ('optim.weight_decay', 0, True), ('optim.clip_norm', 0, True),
+)
+_BELOW_ONE = ('train.ema_decay', 'optim.b1', 'optim.b2', 'optim.momentum')
+_CHOICES = (('train.on_nan', ('stop', 'rollback')), ('resume_mismatch', ('error', 'ignore')))
+
+
+def check_values(config) -> None:
+  """Refuses values no run can use (a batch of 0, a NaN or negative learning rate, ...)."""
+  for field, low, inclusive in _NUMBERS:
+    section, name = field.split('.')
+    value = config[section][name]
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+    if field in _BELOW_ONE:
+      ok = ok and value < 1
+    if not ok:
+      bound = f'>= {low}' if inclusive else f'> {low}'
+      if field in _BELOW_ONE:
+        bound += ' and < 1'
+      raise ConfigError(f'{field}={value} must be a finite number {bound}; fix --config.{field}')
+  for field, choices in _CHOICES:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    if value not in choices:
+      raise ConfigError(f'{field}={value!r} must be one of {", ".join(choices)}')
 
 
 def load(path: str) -> ml_collections.ConfigDict:

@@ -140,6 +140,7 @@ class TextData:
     self.seq_len = seq_len
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
+    self.files = {}  # files: corpora: which files each split reads, for the start-up block.
 
   @property
   def vocab_size(self) -> int:
@@ -199,8 +200,17 @@ def make_text_data(config, tokenizer=None, process_index: int = 0,
             'eval': _make_split(eval_text, tokenizer, 'eval', seq_len)}
   if data_cfg.test_split:
     splits['test'] = _make_split(load_split(data_cfg, 'test'), tokenizer, 'test', seq_len)
-  return TextData(tokenizer, splits, batch_size=config.train.batch_size, seq_len=seq_len,
+  data = TextData(tokenizer, splits, batch_size=config.train.batch_size, seq_len=seq_len,
                   seed=config.seed, process_index=process_index, process_count=process_count)
+  if data_cfg.name.startswith(_FILES):
+    train, heldout = _split_files(data_cfg)
+    data.files = {'train files': _list(train), 'held-out files': _list(heldout)}
+  return data
+
+
+def _list(paths: list[str]) -> str:
+  return ', '.join(paths) if len(paths) <= 3 else f'{len(paths)} ({paths[0]} ... {paths[-1]})'
+
 
 
 # ---------------------------------------------------------------------------------------------

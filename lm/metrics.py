@@ -72,8 +72,7 @@ class Writer:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: (v if isinstance(v, str) else float(v) if np.ndim(v) == 0
-                 else np.asarray(v).tolist()) for k, v in metrics.items()}
+    clean = _plain(metrics)
     self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
     if self._tb is not None:
       for k, v in clean.items():
@@ -88,6 +87,22 @@ class Writer:
         pass
       if self._tb is not None:
         self._tb.close()
+
+
+def append_row(workdir: str, step: int, metrics: dict) -> None:
+  """Appends one row with a single write, for a process that is not the run's writer
+  (--mode=eval): the line lands whole even while the run appends its own."""
+  row = json.dumps({'step': int(step), **_plain(metrics)}) + '\n'
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path, 'a+b') as f:
+    if f.tell() and (f.seek(-1, os.SEEK_END) or f.read(1) != b'\n'):
+      row = '\n' + row  # Never glue onto a torn last line.
+    f.write(row.encode())
+
+
+def _plain(metrics: dict) -> dict:
+  return {k: (v if isinstance(v, str) else float(v) if np.ndim(v) == 0
+              else np.asarray(v).tolist()) for k, v in metrics.items()}
 
 
 def read(workdir: str) -> list[dict]:
@@ -108,9 +123,10 @@ class Progress:
   def update(self, step: int, loss: float, per_s: float, step_s: float, final: bool = False):
     if not self.enabled:
       return
-    eta = (self.total - step) * step_s
-    line = (f'step {step}/{self.total}  loss {loss:.4f}  {per_s:,.0f} {self.unit}/s  '
-            f'{step_s * 1e3:.1f} ms/step  ETA {_hms(eta)}')
+    line = f'step {step}/{self.total}  loss {loss:.4f}'
+    if math.isfinite(step_s):
+      eta = (self.total - step) * step_s
+      line += (f'  {per_s:,.0f} {self.unit}/s  {step_s * 1e3:.1f} ms/step  ETA {_hms(eta)}')
     if self.tty and not final:
       print('\r' + line, end='', flush=True)
     else:

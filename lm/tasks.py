@@ -58,6 +58,7 @@ class Task:
   """Shared bookkeeping; subclasses set data, model, unit and items_per_step."""
 
   unit = 'examples'
+  write_reports = True  # False for a reader of a workdir it may not write (--mode=eval).
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
@@ -83,6 +84,10 @@ class Task:
 
   def eval_batches(self, split: str):
     return self.data.eval_batches(split)
+
+  def describe(self) -> list[str]:
+    """Lines for the start-up block: what data, how much of it."""
+    return []
 
   def example_batch(self) -> dict:
     """One example's worth of a training batch, for shapes."""
@@ -164,6 +169,13 @@ class LanguageModel(Task):
     total, count = losses.cross_entropy(logits_BxLxV, batch['targets'])
     correct = (logits_BxLxV.argmax(-1) == batch['targets']).sum()
     return {'loss': total, 'correct': correct, 'count': count}
+
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    lines = [f'{d.name} ({d.data_dir or "default data dir"}), {d.tokenizer} tokenizer, vocab '
+             f'{data.vocab_size:,}']
+    lines += [f'{name}: {len(split.tokens):,} tokens' for name, split in data.splits.items()]
+    return lines + [f'{name}: {paths}' for name, paths in data.files.items()]
 
   def _text_split(self, split: str) -> str:
     test = self.config.data.test_split
@@ -322,7 +334,7 @@ class Classification(Task):
       if choosing:
         best, best_f1 = classification.best_threshold(hist)
         out[f'{prefix}/best_threshold'], out[f'{prefix}/best_f1'] = best, best_f1
-        if self.is_main:
+        if self.is_main and self.write_reports:
           workdir_lib.write_json(self._threshold_path(), {'threshold': best, 'f1': best_f1,
                                                'positive_label': self.class_names[self.positive]})
     report, table = classification.per_class_report(confusion, self.class_names)
@@ -330,7 +342,7 @@ class Classification(Task):
     out.update({f'{prefix}/{k}': v for k, v in report.items() if k.startswith('macro')})
     if self.positive is not None:
       out[f'{prefix}/f1'] = report['per_class'][self.class_names[self.positive]]['f1']
-    if self.is_main:
+    if self.is_main and self.write_reports:
       self._write_report(prefix, confusion, report, table, sums.get('scores'),
                          out.get(f'{prefix}/threshold'))
     return out
@@ -344,20 +356,21 @@ class Classification(Task):
       return float(json.load(f)['threshold'])
 
   def _write_report(self, prefix, confusion, report, table, scores, threshold):
+    # Whole files only: an --mode=eval of a live run may write the same names.
     w = self.workdir
-    classification.save_confusion_png(confusion, self.class_names,
-                                       os.path.join(w, f'confusion_{prefix}.png'))
+    with workdir_lib.atomic_path(os.path.join(w, f'confusion_{prefix}.png')) as path:
+      classification.save_confusion_png(confusion, self.class_names, path)
     workdir_lib.write_json(os.path.join(w, f'classes_{prefix}.json'),
-                {'confusion': np.asarray(confusion).tolist(), **report})
-    with open(os.path.join(w, f'classes_{prefix}.md'), 'w') as f:
-      f.write(table + '\n')
+                           {'confusion': np.asarray(confusion).tolist(), **report})
+    workdir_lib.write_atomic(os.path.join(w, f'classes_{prefix}.md'), table + '\n')
     if scores is not None:
-      classification.save_pr_png(scores, os.path.join(w, f'pr_{prefix}.png'), threshold)
+      with workdir_lib.atomic_path(os.path.join(w, f'pr_{prefix}.png')) as path:
+        classification.save_pr_png(scores, path, threshold)
 
   def finish(self, workdir: str) -> None:
     if self.is_main:
-      classification.save_curves_png(os.path.join(workdir, 'metrics.jsonl'),
-                                     os.path.join(workdir, 'curves.png'))
+      with workdir_lib.atomic_path(os.path.join(workdir, 'curves.png')) as path:
+        classification.save_curves_png(os.path.join(workdir, 'metrics.jsonl'), path)
 
 
 class ImageClassification(Classification):
@@ -379,6 +392,13 @@ class ImageClassification(Classification):
 
   def logits(self, params, model_state, batch, *, train: bool, rng=None):
     return apply(self.model, params, model_state, (batch['image'],), train=train, rng=rng)
+
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    source = d.name or 'npz split files'
+    return [f'{source} ({d.data_dir or "default data dir"}), {data.num_classes} classes, '
+            f'images {"x".join(map(str, data.splits["train"].images_NxHxWxC.shape[1:]))}'] + [
+                f'{name}: {len(split.labels_N):,} examples' for name, split in data.splits.items()]
 
 
 class TextClassification(Classification):
@@ -411,6 +431,14 @@ class TextClassification(Classification):
   def logits(self, params, model_state, batch, *, train: bool, rng=None):
     return apply(self.model, params, model_state, (batch['tokens'], batch['token_mask']),
                  train=train, rng=rng)
+
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    counts = ', '.join(f'{n} {c:,}' for n, c in zip(data.class_names, data.class_counts))
+    return [f'{d.name or "split files"} ({d.data_dir or "default data dir"}), {d.tokenizer} '
+            f'tokenizer, vocab {data.vocab_size:,}, {data.max_len} tokens per text',
+            f'classes (train): {counts}'] + [
+                f'{name}: {len(split.labels_N):,} examples' for name, split in data.splits.items()]
 
   def flops_per_step(self, variables, batch) -> float:
     """6N per token plus attention, over the padded length (what the step computes)."""
