@@ -94,9 +94,12 @@ def append_row(workdir: str, step: int, metrics: dict) -> None:
   (--mode=eval): the line lands whole even while the run appends its own."""
   row = json.dumps({'step': int(step), **_plain(metrics)}) + '\n'
   path = os.path.join(workdir, 'metrics.jsonl')
-  with open(path, 'a+b') as f:
-    if f.tell() and (f.seek(-1, os.SEEK_END) or f.read(1) != b'\n'):
-      row = '\n' + row  # Never glue onto a torn last line.
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb') as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        row = '\n' + row  # Never glue onto a torn last line.
+  with open(path, 'ab') as f:
     f.write(row.encode())
 
 

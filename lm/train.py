@@ -179,7 +179,10 @@ class Trainer:
     return state
 
   def _check_shapes(self, step: int):
-    saved = self.ckpt.item_metadata(step)
+    try:
+      saved = self.ckpt.item_metadata(step)
+    except Exception:  # pylint: disable=broad-except  Unreadable: the restore will say so.
+      return
     saved = saved.get('params') if isinstance(saved, dict) else None
     if saved is None:
       return  # Older orbax metadata: the restore itself reports a mismatch.

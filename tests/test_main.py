@@ -1,5 +1,6 @@
 """The command line: bad input is one line on stderr, exit code 2, and nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,114 @@ def test_default_run_splits_this_cpu_per_core(tmp_path):
   cores = len(os.sched_getaffinity(0))
   expected = max(n for n in range(1, cores + 1) if 8 % n == 0)  # TINY's batch is 8.
   assert f'mesh: data={expected}, fsdp=1, tensor=1' in result.stdout
+
+
+def test_help_lists_the_flags_and_config_help_every_field():
+  result = lm_main('--help')
+  assert result.returncode == 0 and '--workdir' in result.stdout and '--config_help' in result.stdout
+  result = lm_main('--config_help')
+  assert result.returncode == 0
+  fields = dict(line.split(' = ', 1) for line in result.stdout.splitlines())
+  assert fields['train.steps'].split()[0] == '2000' and 'Optimizer steps' in fields['train.steps']
+  assert 'one per core' in fields['mesh.cpu_devices']  # A comment on the lines above.
+  from lm import config as base  # pylint: disable=g-import-not-at-top
+  flat = {f'{s}.{k}' if isinstance(v, dict) else s
+          for s, v in base.get_config().to_dict().items()
+          for k in (v if isinstance(v, dict) else [None])}
+  assert set(fields) == flat
+
+
+@pytest.mark.parametrize('args,line', [
+    (['--config.train.stpes=5'], "error: no config field 'stpes'; did you mean 'steps'?"),
+    (['--wokrdir=/tmp/x'], 'error: no flag --wokrdir; did you mean --workdir?'),
+    (['--config.optim.lr=nan'], 'error: optim.lr=nan must be a finite number > 0'),
+    (['--config.train.batch_size=0'], 'error: train.batch_size=0 must be a finite number >= 1'),
+    (['--config.optim.eps=-1e-8'], 'error: optim.eps=-1e-08 must be a finite number >= 0'),
+])
+def test_misspelled_or_impossible_values_are_one_readable_line(tmp_path, args, line):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path / "run"}', *args)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+  assert result.stderr.startswith(line), result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def test_integer_fields_take_float_notation(tmp_path):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.train.steps=1e1',
+                   '--config.train.eval_every=0', '--config.train.log_every=5')
+  assert result.returncode == 0, result.stderr
+  assert json.load(open(tmp_path / 'DONE'))['step'] == 10
+
+
+def test_a_failed_start_leaves_the_workdir_fresh(tmp_path):
+  bad = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.model.seq_len=2000000')
+  assert bad.returncode == 2
+  good = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.train.steps=5')
+  assert good.returncode == 0, good.stderr
+  assert 'fresh: no checkpoint' in good.stdout
+
+
+def test_start_up_block_comes_before_the_first_step(tmp_path):
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.train.steps=6')
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  for needle in ('workdir: ', 'fresh: no checkpoint', 'mesh: data=', ' parameters',
+                 'data: train: 1,003,854 tokens', 'steps: 6 x batch 8'):
+    assert needle in out
+  assert out.index('data: train') < out.index('step 1/6')  # Progress from the first step.
+
+
+def test_eval_starts_from_the_saved_config(tmp_path):
+  trained = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.train.steps=8',
+                    '--config.model.d_model=16', '--config.train.eval_every=0')
+  assert trained.returncode == 0, trained.stderr
+  result = lm_main(f'--workdir={tmp_path}', '--mode=eval')  # No --config, no overrides.
+  assert result.returncode == 0, result.stderr
+  assert 'resuming' not in result.stdout and 'changed config' not in result.stdout
+  row = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert row['step'] == 8 and 'eval/loss' in row
+  # An override still applies on top of the saved config.
+  other = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--mode=eval',
+                  '--config.train.eval_batches=1')
+  assert other.returncode == 0, other.stderr
+
+
+@pytest.mark.parametrize('make,needle', [
+    (lambda p: p.write_text('x'), 'is a file'),
+    (lambda p: (p.parent / 'f').write_text('x'), 'which is a file'),
+])
+def test_workdir_that_is_or_is_under_a_file_is_refused_before_loading(tmp_path, make, needle):
+  workdir = tmp_path / 'run'
+  make(workdir)
+  target = workdir if needle == 'is a file' else tmp_path / 'f' / 'run'
+  result = lm_main(f'--config={TINY}', f'--workdir={target}')
+  assert result.returncode == 2 and needle in result.stderr, result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A read-only bind mount of tmp_path/ro (root only; otherwise skip)."""
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  if subprocess.run(['mount', '--bind', str(ro), str(ro)], capture_output=True).returncode:
+    pytest.skip('needs root to make a read-only bind mount')
+  subprocess.run(['mount', '-o', 'remount,bind,ro', str(ro)], check=True)
+  yield ro
+  subprocess.run(['umount', '-l', str(ro)], check=False)
+
+
+def test_read_only_workdir(tmp_path, read_only_dir):
+  result = lm_main(f'--config={TINY}', f'--workdir={read_only_dir / "run"}')
+  assert result.returncode == 2 and 'not writable' in result.stderr, result.stderr
+  # A finished run on a read-only filesystem still evaluates: printed, not appended.
+  trained = tmp_path / 'trained'
+  assert lm_main(f'--config={TINY}', f'--workdir={trained}',
+                 '--config.train.steps=5').returncode == 0
+  subprocess.run(['umount', '-l', str(read_only_dir)], check=True)
+  subprocess.run(['cp', '-a', str(trained), str(read_only_dir / 'run')], check=True)
+  subprocess.run(['mount', '--bind', str(read_only_dir), str(read_only_dir)], check=True)
+  subprocess.run(['mount', '-o', 'remount,bind,ro', str(read_only_dir)], check=True)
+  result = lm_main(f'--workdir={read_only_dir / "run"}', '--mode=eval')
+  assert result.returncode == 0, result.stderr
+  assert 'not writable' in result.stdout and '"eval/loss"' in result.stdout
