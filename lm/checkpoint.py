@@ -9,8 +9,10 @@ launcher naming the step to resume from) opens `reader()` or calls `latest_step(
 never create, delete or write anything, so reading a run while it trains cannot break it.
 """
 
+import contextlib
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -78,11 +80,41 @@ def _cannot_restore(mngr: ocp.CheckpointManager, step: int, error: Exception,
     error = error.__cause__ or error.__context__
   reason = (str(error).strip().splitlines() or [''])[0][:200]
   fix = (f'{then} checkpoint {max(earlier)}' if earlier else
-         'start again: it is the only checkpoint')
+         'train again: it is the only checkpoint')
   return ConfigError(
       f'checkpoint {directory}/{step} cannot be restored ({type(error).__name__}: {reason}); '
       f'it is corrupt or incomplete: move it away (mv {directory}/{step} '
       f'{os.path.dirname(directory)}/corrupt-{step}) and {fix}')
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  """An error orbax could no longer report: a read it gave up on after another one failed."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  return ('Event loop is closed' in str(unraisable.exc_value) or
+          (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename))
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """Keeps one failed restore to one error.
+
+  When one array fails to read, orbax abandons the others, but tensorstore finishes them on
+  its threads into an event loop orbax has closed; Python then prints each as an unraisable
+  exception, dozens of tracebacks around the one error that matters, for a while after the
+  restore has raised. So after a failure those (and only those) stay silenced.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  except BaseException:
+    raise  # The hook stays: the abandoned reads report after this.
+  sys.unraisablehook = previous
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state,
@@ -93,7 +125,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state,
   not match) is a ConfigError naming the checkpoint and the one before it.
   """
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    with _quiet_abandoned_reads():
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # pylint: disable=broad-except
     # Orbax and tensorstore raise ValueError, OSError, RuntimeError and bare Exception.
     raise _cannot_restore(mngr, step, e, then) from e
@@ -124,10 +157,11 @@ def restore_latest(workdir: str, abstract_state=None, then: str = 'run again to 
         raise ConfigError(f'no checkpoint in {mngr.directory}: train there first '
                           '(python -m lm.main --config=... --workdir=...)')
       try:
-        abstract = abstract_state
-        if abstract is None:
-          abstract = _on_default_device(mngr, step)
-        return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        with _quiet_abandoned_reads():
+          abstract = abstract_state
+          if abstract is None:
+            abstract = _on_default_device(mngr, step)
+          return step, mngr.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except
         if latest_step(workdir) == step:
           raise _cannot_restore(mngr, step, e, then) from e

@@ -90,9 +90,6 @@ def _data_files(workdir, step) -> list[str]:
   return sorted(files, key=os.path.getsize)
 
 
-# Orbax leaves the reads it abandoned as coroutines whose errors Python reports when it
-# collects them; the error that matters is the one raised.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', ['delete', 'truncate'])
 def test_corrupt_newest_checkpoint_is_one_line_naming_the_one_before(tmp_path, damage):
   _save_steps(tmp_path, [1, 2])
@@ -123,12 +120,11 @@ def test_corrupt_newest_checkpoint_is_one_line_naming_the_one_before(tmp_path, d
   assert step == 1 and int(state['step']) == 1
 
 
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-def test_only_checkpoint_corrupt_says_to_start_again(tmp_path):
+def test_only_checkpoint_corrupt_says_to_train_again(tmp_path):
   _save_steps(tmp_path, [4])
   for path in _data_files(tmp_path, 4):
     os.remove(path)
-  with pytest.raises(ConfigError, match=r'checkpoints/4 cannot be restored .*start again: it is '
+  with pytest.raises(ConfigError, match=r'checkpoints/4 cannot be restored .*train again: it is '
                                         'the only checkpoint'):
     checkpoint.restore_latest(str(tmp_path))
 
