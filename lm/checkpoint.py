@@ -76,8 +76,10 @@ def _cannot_restore(mngr: ocp.CheckpointManager, step: int, error: Exception,
   earlier = [s for s in mngr.all_steps() if s < step]
   # Orbax wraps tensorstore's error (which names the file and what is wrong with it) in one
   # that prints a whole TensorStore spec: report the innermost.
-  while error.__cause__ is not None or error.__context__ is not None:
-    error = error.__cause__ or error.__context__
+  seen = {id(error)}
+  while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+    error = inner
+    seen.add(id(error))
   reason = (str(error).strip().splitlines() or [''])[0][:200]
   fix = (f'{then} checkpoint {max(earlier)}' if earlier else
          'train again: it is the only checkpoint')
