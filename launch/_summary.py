@@ -12,21 +12,14 @@ import os
 
 from launch import _cli
 from launch import _trials
+from lm import metrics
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """metrics.jsonl rows, the last one per (step, keys) kept when a resumed run rewrote steps."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
   rows = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # A line cut short by a kill.
-        continue
-      rows[(row.get('step'), tuple(sorted(row)))] = row
+  for row in metrics.read(workdir):
+    rows[(row.get('step'), tuple(sorted(row)))] = row
   return sorted(rows.values(), key=lambda r: r.get('step', 0))
 
 

@@ -178,18 +178,27 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def cpu_device_count(config) -> int:
-  """How many XLA devices a CPU-only host is split into for this config.
+  """How many XLA devices this process's CPU is split into for this config.
 
-  A fixed mesh larger than one device gets that many (so it also runs on a laptop). A mesh
-  left to fill (-1) gets one device per core when the batch divides, unless
-  `mesh.cpu_devices` says otherwise; several processes on one host keep one device each.
+  A fixed mesh gets its size shared between the processes (so it also runs on a laptop, and
+  2 Slurm tasks with fsdp=2 make one device each, not two). A mesh left to fill (-1) gets one
+  device per core when the batch divides, unless `mesh.cpu_devices` says otherwise; with
+  several processes, each gets the product of the fixed axes (one device for a pure -1).
   """
   mesh, train = config.mesh, config.train
   sizes = [mesh.data, mesh.fsdp, mesh.tensor]
   fixed = 1
   for s in sizes:
     fixed *= max(s, 1)
-  if -1 not in sizes or num_processes() > 1:
+  processes = num_processes()
+  if -1 not in sizes:
+    if fixed % processes:
+      raise ConfigError(
+          f'mesh data*fsdp*tensor = {mesh.data}*{mesh.fsdp}*{mesh.tensor} = {fixed} devices do '
+          f'not split evenly over {processes} processes; use a mesh whose size is a multiple '
+          f'of {processes}, or -1 on one axis to fill the devices there are')
+    return fixed // processes
+  if processes > 1:
     return fixed
   if mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices={mesh.cpu_devices} must be >= 0 (0 = one per core)')
@@ -206,9 +215,16 @@ def cpu_device_count(config) -> int:
 
 
 def num_processes() -> int:
-  """Processes this run has, from the environment of launch.local (LM_*) or of Slurm."""
-  return max(int(os.environ.get('LM_NUM_PROCESSES', '1')),
-             int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))))
+  """Processes this run has, from the environment of launch.local (LM_*) or of a Slurm step.
+
+  Only a job step (what srun starts; it sets SLURM_STEP_NODELIST, which JAX's Slurm detection
+  also needs) counts: a batch script, or a command it runs without srun, is one process even
+  in a job of several tasks, though SLURM_NTASKS says otherwise there.
+  """
+  slurm = 1
+  if 'SLURM_STEP_NODELIST' in os.environ:
+    slurm = int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1')))
+  return max(int(os.environ.get('LM_NUM_PROCESSES', '1')), slurm)
 
 
 def split_cpu_devices(config):

@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -78,22 +79,48 @@ def _split_files(data_cfg) -> tuple[list[str], list[str]]:
   return paths[:-heldout], paths[-heldout:]
 
 
-def _read_files(paths: list[str], max_bytes: int) -> str:
-  """Reads files in order, stopping after `max_bytes` bytes (0 = no limit)."""
+def _read_files(paths: list[str], max_bytes: int) -> tuple[str, dict[str, str]]:
+  """(text, {path: why it does not look like UTF-8 text}) of the files read in order.
+
+  Reading stops after `max_bytes` bytes (0 = no limit).
+  """
   # An incremental decoder drops a character cut in half at the cap instead of inventing one.
   decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-  texts = []
+  texts, problems = [], {}
   left = max_bytes or -1
   for path in paths:
     with open(path, 'rb') as f:
       raw = f.read(left)
-    texts.append(decoder.decode(raw, final=max_bytes == 0 or len(raw) < left))
+    text = decoder.decode(raw, final=max_bytes == 0 or len(raw) < left)
     decoder.reset()
+    problem = _not_text(raw, text)
+    if problem:
+      problems[path] = problem
+    texts.append(text)
     if max_bytes:
       left -= len(raw)
       if left <= 0:
         break
-  return '\n'.join(texts)
+  return '\n'.join(texts), problems
+
+
+_BINARY = 'binary'
+# ASCII control bytes other than whitespace; in UTF-8 they never occur inside a character.
+_CONTROL_BYTES = bytes(c for c in range(32) if chr(c) not in '\t\n\r\f\v') + b'\x7f'
+
+
+def _not_text(raw: bytes, text: str) -> str:
+  """'' for UTF-8 text; else what is wrong, starting with 'binary' for a non-text file."""
+  nul = raw.count(b'\0')
+  # U+FFFD the decoder made, not the ones the file spells out (EF BF BD).
+  undecodable = text.count('\ufffd') - raw.count(b'\xef\xbf\xbd')
+  controls = len(raw) - len(raw.translate(None, _CONTROL_BYTES))
+  if nul or (undecodable + controls) > 0.3 * max(len(text), 1):
+    return (f'{_BINARY}: {nul} NUL bytes, {undecodable} bytes not UTF-8 and {controls} control '
+            f'characters in {len(raw)} bytes')
+  if undecodable:
+    return f'{undecodable} bytes not UTF-8, read as U+FFFD'
+  return ''
 
 
 def _load_files(data_cfg, which: str) -> str:
@@ -102,7 +129,24 @@ def _load_files(data_cfg, which: str) -> str:
                       "--config.data.test_split='' or use a TFDS dataset")
   train, heldout = _split_files(data_cfg)
   # max_bytes caps each split on its own, so capping never empties the (last) heldout files.
-  return _read_files(train if which == 'train' else heldout, data_cfg.max_bytes)
+  text, problems = _read_files(train if which == 'train' else heldout, data_cfg.max_bytes)
+  if not problems:
+    return text
+  binary = {p: why for p, why in problems.items() if why.startswith(_BINARY)}
+  if binary and data_cfg.tokenizer == 'char':
+    raise ConfigError(f'{data_cfg.name!r} matched {len(binary)} binary file(s): '
+                      f'{_list_files(binary)}; with data.tokenizer=char every byte value would '
+                      'become a token. Narrow the glob to text files')
+  print(f'warning: {data_cfg.name!r}: {len(problems)} file(s) are not UTF-8 text, so the '
+        f'{data_cfg.tokenizer} tokenizer sees U+FFFD and control characters in their place: '
+        f'{_list_files(problems)}. Convert them to UTF-8 (iconv -t utf-8) or narrow the glob',
+        file=sys.stderr, flush=True)
+  return text
+
+
+def _list_files(problems: dict[str, str], at_most: int = 5) -> str:
+  listed = '; '.join(f'{p} ({why})' for p, why in list(problems.items())[:at_most])
+  return listed + (f' and {len(problems) - at_most} more' if len(problems) > at_most else '')
 
 
 # ---------------------------------------------------------------------------------------------

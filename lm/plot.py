@@ -22,9 +22,11 @@ def plot(workdirs: list[str], out: str, keys=('train/loss', 'eval/loss'), log_y=
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
   drawn = 0
+  # Read once per workdir, so a torn line is warned about once, not once per panel.
+  runs = {workdir: metrics_lib.read(workdir) for workdir in workdirs}
   for ax, key in zip(axes[0], keys):
-    for workdir in workdirs:
-      rows = [r for r in metrics_lib.read(workdir) if key in r]
+    for workdir, run in runs.items():
+      rows = [r for r in run if key in r]
       if rows:
         ax.plot([r['step'] for r in rows], [r[key] for r in rows], marker='.' if
                 len(rows) < 30 else None, label=os.path.basename(os.path.normpath(workdir)))

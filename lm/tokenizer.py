@@ -33,6 +33,23 @@ def _in_vocab(ids, vocab_size: int) -> np.ndarray:
   return ids[(ids >= 0) & (ids < vocab_size)]
 
 
+def unknown_chars(tokenizer, text: str) -> str:
+  """The distinct characters of `text` the tokenizer has no token for, sorted ('' if none).
+
+  The char tokenizer drops them, SentencePiece without byte fallback turns them into <unk>;
+  bytes represent everything. A prompt with any of them is not what the model is shown.
+  """
+  if isinstance(tokenizer, CharTokenizer):
+    missing = set(text) - set(tokenizer.chars)
+  elif isinstance(tokenizer, SentencePieceTokenizer):
+    sp = tokenizer._sp  # pylint: disable=protected-access
+    unk = sp.unk_id()
+    missing = {c for c in set(text) if unk >= 0 and unk in sp.encode(c)}
+  else:
+    missing = set()
+  return ''.join(sorted(missing))
+
+
 class CharTokenizer:
   """One token per character of the training text, as nanoGPT does for Shakespeare.
 

@@ -260,10 +260,9 @@ class Trainer:
     The result is appended to metrics.jsonl (one line, appended whole, so a run training in
     the workdir is not disturbed) when the workdir is writable; it is always returned.
     """
-    if not self.has_checkpoint():
-      raise ConfigError(f'no checkpoint in {self.workdir!r}: train there first, then --mode=eval')
-    state = self.initial_state()
-    step = int(jax.device_get(state.step))
+    # Read-only: a run training in the workdir keeps its in-flight save and its checkpoints.
+    step, state = checkpoint.restore_latest(self.workdir, self.abstract_state,
+                                            then='run --mode=eval again to evaluate')
     writable = os.access(self.workdir, os.W_OK)
     self.task.write_reports = writable
     out = self.evaluate(state, self.config.data.eval_split)
@@ -444,12 +443,13 @@ class Trainer:
 
   def _save_failed(self, step, error: Exception, what: str = 'saving a checkpoint'):
     steps = [s for s in self.ckpt.all_steps() if s != step]
-    reason = 'No space left on device' if 'No space left' in str(error) else (
-        str(error).splitlines()[0][:160])
+    full = 'No space left' in str(error) or getattr(error, 'errno', None) == errno.ENOSPC
+    reason = 'No space left on device' if full else (str(error).strip().splitlines() or [
+        type(error).__name__])[0][:160]
+    fix = 'Free space and run' if full else 'Run'
     raise ConfigError(
         f'{what} failed ({reason}); the complete checkpoints {steps} in '
-        f'{self.ckpt.directory} are kept. Free space and run the same command to resume'
-    ) from error
+        f'{self.ckpt.directory} are kept. {fix} the same command to resume') from error
 
 
 class _NonFinite(Exception):

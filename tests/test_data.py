@@ -227,3 +227,48 @@ def test_error_corpus_shorter_than_one_sequence(tmp_path):
 def test_error_batch_not_divisible_by_processes(corpus_dir):
   with pytest.raises(ConfigError, match='--config.train.batch_size'):
     data.make_text_data(_config(f'files:{corpus_dir}/*.txt'), process_count=3)
+
+
+def _binary(path, size=3000):
+  """Bytes of an image or an archive: NULs, control bytes, invalid UTF-8."""
+  with open(path, 'wb') as f:
+    f.write(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+def test_binary_file_with_char_tokenizer_is_a_one_line_error(corpus_dir):
+  """Before, it became a 472-symbol vocabulary of control bytes and U+FFFD without a word."""
+  _binary(str(corpus_dir / 'a2.txt'))  # Sorted before c.txt: a training file.
+  _assert_config_error(_config(f'files:{corpus_dir}/*.txt'), 'matched 1 binary file(s)',
+                       f'{corpus_dir}/a2.txt (binary:', 'NUL bytes', 'data.tokenizer=char',
+                       'Narrow the glob')
+
+
+def test_binary_heldout_file_is_refused_too(corpus_dir):
+  _binary(str(corpus_dir / 'd.txt'))  # Sorted last: the heldout file.
+  _assert_config_error(_config(f'files:{corpus_dir}/*.txt'), f'{corpus_dir}/d.txt (binary:')
+
+
+def test_binary_file_with_byte_tokenizer_warns_naming_it(corpus_dir, capsys):
+  _binary(str(corpus_dir / 'a2.txt'))
+  data.make_text_data(_config(f'files:{corpus_dir}/*.txt', tokenizer='byte'))
+  warnings = capsys.readouterr().err.strip().splitlines()
+  assert len(warnings) == 1 and warnings[0].startswith('warning: '), warnings
+  assert f'{corpus_dir}/a2.txt (binary:' in warnings[0] and 'byte tokenizer' in warnings[0]
+
+
+def test_non_utf8_text_warns_naming_the_file_and_the_bytes(corpus_dir, capsys):
+  (corpus_dir / 'a2.txt').write_bytes('café crème brûlée\n'.encode('latin-1') * 50)
+  d = data.make_text_data(_config(f'files:{corpus_dir}/*.txt'))
+  err = capsys.readouterr().err
+  assert err.count('warning: ') == 1, err
+  assert f'{corpus_dir}/a2.txt (200 bytes not UTF-8, read as U+FFFD)' in err
+  assert '\ufffd' in d.tokenizer.chars  # Still loaded: a warning, not an error.
+
+
+def test_utf8_text_is_quiet_even_cut_mid_character(tmp_path, capsys):
+  # A U+FFFD the file spells out and a form feed are text; max_bytes=101 cuts an 'é' in half.
+  _write(str(tmp_path / 'a.txt'), 'é' * 100 + ' replacement \ufffd\f' + 'x' * 200)
+  _write(str(tmp_path / 'b.txt'), 'é' * 100 + 'y' * 200)
+  data.make_text_data(_config(f'files:{tmp_path}/*.txt', tokenizer='byte', max_bytes=101))
+  data.make_text_data(_config(f'files:{tmp_path}/*.txt'))
+  assert capsys.readouterr().err == ''

@@ -105,6 +105,40 @@ def test_cpu_split_is_off_with_several_processes(monkeypatch):
   assert base.cpu_device_count(base.get_config()) == 1
 
 
+@pytest.mark.parametrize('var', ['LM_NUM_PROCESSES', 'SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS'])
+def test_fixed_mesh_is_shared_between_the_processes(monkeypatch, var):
+  """2 Slurm tasks with fsdp=2 each made 2 devices, 4 in all, and both refused the mesh."""
+  from lm import config as base  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(4)))
+  for other in ('LM_NUM_PROCESSES', 'SLURM_STEP_NUM_TASKS', 'SLURM_NTASKS'):
+    monkeypatch.delenv(other, raising=False)
+  monkeypatch.setenv(var, '2')
+  if var.startswith('SLURM'):
+    monkeypatch.setenv('SLURM_STEP_NODELIST', 'node[1-2]')  # In a step that srun started.
+  c = base.get_config()
+  c.mesh.update(data=1, fsdp=2, tensor=1)
+  assert base.cpu_device_count(c) == 1
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  assert base.cpu_device_count(c) == 4
+  c.mesh.update(data=1, fsdp=3, tensor=1)
+  with pytest.raises(base.ConfigError, match=r'= 3 devices do not split evenly over 2 processes'):
+    base.cpu_device_count(c)
+
+
+def test_a_slurm_batch_script_is_one_process(monkeypatch):
+  """SLURM_NTASKS=2 is set in the batch script too; lm.main run there (without srun) took it
+  for 2 processes and died in jax.distributed.initialize (no coordinator outside a step)."""
+  from lm import config as base  # pylint: disable=g-import-not-at-top
+  for var in ('LM_NUM_PROCESSES', 'SLURM_STEP_NUM_TASKS', 'SLURM_STEP_NODELIST'):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  assert base.num_processes() == 1
+  monkeypatch.setenv('SLURM_STEP_NODELIST', 'vm')
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '2')
+  assert base.num_processes() == 2
+
+
 def test_negative_cpu_devices_is_a_clear_error(tmp_path):
   result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.mesh.cpu_devices=-2')
   assert result.returncode == 2 and 'mesh.cpu_devices=-2' in result.stderr

@@ -225,6 +225,16 @@ def test_summarize_ranks_trials_and_writes_table_csv_and_png(tmp_path):
   assert os.path.exists(os.path.join(sw, 'summary.md'))
 
 
+def test_summary_keeps_the_last_row_per_step_and_keys_and_skips_torn_lines(tmp_path):
+  rows = ['{"step": 5, "train/loss": 2.0}', '{"step": 5, "eval/loss": 1.9}',
+          '{"step": 10, "train/loss": 1.5}', '{"step": 10, "eval/lo',  # Killed here.
+          '{"step": 10, "train/loss": 1.4}', '{"step": 10, "eval/loss": 1.3}']  # Resumed.
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(rows) + '\n')
+  assert _summary.read_metrics(str(tmp_path)) == [
+      {'step': 5, 'train/loss': 2.0}, {'step': 5, 'eval/loss': 1.9},
+      {'step': 10, 'train/loss': 1.4}, {'step': 10, 'eval/loss': 1.3}]
+
+
 def test_summary_x_axis_is_log_only_across_decades():
   assert _summary._log_x([1e-4, 1e-3, 1e-2])
   assert not _summary._log_x([1e-3, 3e-3])
