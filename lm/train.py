@@ -183,9 +183,10 @@ class Trainer:
       saved = self.ckpt.item_metadata(step)
     except Exception:  # pylint: disable=broad-except  Unreadable: the restore will say so.
       return
-    saved = saved.get('params') if isinstance(saved, dict) else None
-    if saved is None:
-      return  # Older orbax metadata: the restore itself reports a mismatch.
+    try:
+      saved = saved['params']
+    except (KeyError, TypeError):
+      return  # Not a train state's metadata: the restore itself reports a mismatch.
     ours = dict(_paths(self.abstract_state.params))
     theirs = dict(_paths(saved))
     for path in sorted(set(ours) | set(theirs)):
@@ -281,7 +282,7 @@ class Trainer:
       return
     c = self.config
     devices = jax.devices()
-    state = (f'resuming from step {resuming_from}' if resuming_from is not None else
+    state = (f'has a checkpoint at step {resuming_from}' if resuming_from is not None else
              'fresh: no checkpoint')
     lines = [
         f'workdir: {os.path.abspath(self.workdir)} ({state})',
