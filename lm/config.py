@@ -107,6 +107,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.nesterov = False        # sgd Nesterov momentum.
   c.optim.weight_decay = 0.1      # Decoupled weight decay (not on biases, norms, embeddings).
   c.optim.clip_norm = 1.0         # Global gradient-norm clip (0 = off).
+  c.optim.freeze = ''             # Regex over parameter paths ('block_0/attn/qkv'): not trained.
+  c.optim.unfreeze_at = 0         # > 0: the frozen parameters train from this step on.
+  c.optim.lr_mults = ''           # 'regex=mult,...': those parameters' lr times mult (first wins).
+  c.optim.layer_decay = 0.0       # Transformers: lr x decay^(depth from the top) per layer; 0 off.
+
+  c.init = ml_collections.ConfigDict()  # Start from another run's weights (fine-tuning).
+  c.init.workdir = ''             # A run dir (its latest checkpoint), or 'prefix=dir,...' per part.
+  c.init.step = 0                 # That run's checkpoint at this step (0 = latest).
+  c.init.skip = ''                # Comma-separated regexes of parameters not to load.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Pure data parallelism (-1 = fill the remaining devices).
@@ -134,6 +143,7 @@ _NUMBERS = (
     ('optim.decay_steps', 0, True), ('optim.step_factor', 0, True), ('optim.b1', 0, True),
     ('optim.b2', 0, True), ('optim.eps', 0, True), ('optim.momentum', 0, True),
     ('optim.weight_decay', 0, True), ('optim.clip_norm', 0, True),
+    ('optim.unfreeze_at', 0, True), ('init.step', 0, True),
 )
 _BELOW_ONE = ('train.ema_decay', 'optim.b1', 'optim.b2', 'optim.momentum')
 _CHOICES = (('train.on_nan', ('stop', 'rollback')), ('resume_mismatch', ('error', 'ignore')))

@@ -411,8 +411,13 @@ class TextClassification(Classification):
   def __init__(self, config, workdir: str):
     super().__init__(config, workdir)
     from lm import data, labelled_text, model  # pylint: disable=g-import-not-at-top
-    tokenizer = (data.load_tokenizer(workdir)
-                 if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
+    if os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+      tokenizer = data.load_tokenizer(workdir)
+    elif config.init.workdir:
+      from lm import transfer  # pylint: disable=g-import-not-at-top
+      tokenizer = transfer.source_tokenizer(config)  # Ids mean what they meant in pretraining.
+    else:
+      tokenizer = None
     labels = (labelled_text.load_labels(workdir)
               if os.path.exists(labelled_text.labels_path(workdir)) else None)
     self.data = labelled_text.make(config, tokenizer, labels, jax.process_index(),

@@ -26,6 +26,7 @@ from lm import optim
 from lm import sharding
 from lm import steps as steps_lib
 from lm import tasks
+from lm import transfer
 from lm import workdir as workdir_lib
 from lm.config import ConfigError, check_values, to_json
 
@@ -67,6 +68,8 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh, devices)
     batches.check_batch(config.train.batch_size, jax.process_count(),
                         sharding.data_shards(self.mesh), config.train.grad_accum_steps)
+    # The source run's model hyperparameters first: they are part of the config resumed.
+    self.init_notes = transfer.adopt(config) if config.init.workdir else []
     if not read_only:
       self._check_config_drift()
     self.task = tasks.build(config, workdir)
@@ -75,7 +78,7 @@ class Trainer:
     if config.train.eval_every_epochs > 0:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
-    self.tx, schedule = optim.make(config.optim, self.steps)
+    self.tx, schedule = optim.make(config.optim, self.steps, config.model.num_layers)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
     self._build_state_shardings()
@@ -146,13 +149,15 @@ class Trainer:
     rep = sharding.replicated(self.mesh)
     self.state_shardings = steps_lib.TrainState(
         step=rep, params=param_sh,
-        opt_state=sharding.opt_state_shardings(self.tx, abstract.opt_state, param_sh, self.mesh),
+        opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params, param_sh,
+                                               self.mesh),
         model_state=jax.tree.map(lambda _: rep, abstract.model_state),
         ema_params=param_sh if abstract.ema_params is not None else None)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_shardings)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+    optim.check_patterns(self.config.optim, abstract.params)
 
   def _jit_steps(self):
     c, rep = self.config, sharding.replicated(self.mesh)
@@ -204,7 +209,10 @@ class Trainer:
     # against 1.1 s for the small LM on CPU) than they could ever save.
     init = jax.jit(self._init, out_shardings=self.state_shardings,
                    compiler_options={'xla_backend_optimization_level': 0})
-    return init(jax.random.key(self.config.seed))
+    state = init(jax.random.key(self.config.seed))
+    if self.config.init.workdir:
+      state = transfer.load(state, self.abstract_state, self.config.init, self.is_main)
+    return state
 
   def abstract_batch(self) -> dict:
     """Shapes and dtypes of one global training batch, to compile the step without data."""
@@ -290,6 +298,7 @@ class Trainer:
         f'({jax.process_count()} process{"es" if jax.process_count() > 1 else ""}); mesh: ' +
         ', '.join(f'{k}={v}' for k, v in self.mesh.shape.items()),
         f'model: {c.model.name}, {self.param_count:,} parameters',
+        *self.init_notes,
         *(f'data: {line}' for line in self.task.describe()),
         f'steps: {self.steps:,} x batch {c.train.batch_size} '
         f'({self.task.items_per_step:,} {self.task.unit} a step); eval every '
