@@ -156,6 +156,8 @@ def _overlay(config, saved: dict, keep: set[str], prefix: str = '') -> None:
     if isinstance(value, dict):
       _overlay(config[key], value, keep, name + '.')
     elif name not in keep:
+      if name == 'model.remat' and isinstance(value, bool):  # A bool before remat policies.
+        value = 'full' if value else 'none'
       with config.unlocked():
         current = config[key]
         config[key] = tuple(value) if isinstance(current, tuple) and value is not None else value

@@ -35,7 +35,7 @@ _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                       'train.eval_every_epochs', 'train.eval_batches',
                       'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
                       'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
-                      'resume_mismatch')
+                      'resume_mismatch', 'model.remat', 'model.attention', 'data.prefetch')
 
 
 class Diverged(RuntimeError):

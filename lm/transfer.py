@@ -26,8 +26,9 @@ from lm import checkpoint
 from lm.config import ConfigError
 
 # Fields of config.model a text trunk shares with the run it starts from.
+# scan_layers too: it decides the parameter paths (block_<i>/... or stacked blocks/...).
 _TRUNK_FIELDS = ('num_layers', 'num_heads', 'd_model', 'mlp_dim', 'seq_len', 'pos', 'norm',
-                 'mlp', 'use_bias')
+                 'mlp', 'use_bias', 'scan_layers')
 _IMAGE_FIELDS = ('name', 'width')
 
 
@@ -71,6 +72,8 @@ def adopt(config) -> list[str]:
     else:
       continue
     for field in fields:
+      if field not in source['model']:
+        continue  # A run from before the field: it had the default.
       value = source['model'][field]
       if config.model[field] != value:
         notes.append(f'init: model.{field}={value!r} from {workdir} (the config said '
