@@ -15,6 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from lm import runtime
 from lm.config import ConfigError, num_processes, split_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -210,6 +211,7 @@ def run(argv) -> int:
     _overlay(config, saved, _overridden(argv))
   if not _DRY_RUN.value:
     _check_workdir(workdir, writing=_MODE.value == 'train')
+  runtime.set_gpu_xla_flags()  # Before anything starts a backend.
   try:
     split_cpu_devices(config)
   except ConfigError as e:
@@ -220,6 +222,7 @@ def run(argv) -> int:
     stop = train.StopFlag()  # Before anything slow, so a SIGTERM during set-up is honoured.
   _maybe_initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
+  runtime.enable_compilation_cache()
   lock = None
   try:
     if _DRY_RUN.value:

@@ -20,9 +20,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from lm import checkpoint
+from lm.checkpoint import ocp  # Imports orbax at first use.
 from lm.config import ConfigError
 
 # Fields of config.model a text trunk shares with the run it starts from.
