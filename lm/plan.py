@@ -55,7 +55,8 @@ def print_plan(config, target_device: str = '', assumed_mfu: float = 0.4) -> dic
         f'({trainer.task.items_per_step / step_s:,.0f} {trainer.task.unit}/s); '
         f'{trainer.steps:,} steps: {trainer.steps * step_s / 3600:,.2f} h')
   return {'params': trainer.param_count, 'flops_per_step': flops, 'step_s': step_s,
-          'param_bytes_per_device': params_b, 'opt_bytes_per_device': opt_b}
+          'param_bytes_per_device': params_b, 'opt_bytes_per_device': opt_b,
+          'temp_bytes_per_device': temp, 'assumed_mfu': assumed_mfu}
 
 
 def _peak_for(target_device: str) -> float:
