@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,6 +73,20 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
                  'per device: params', 'predicted step time'):
     assert needle in result.stdout
   assert not (tmp_path / 'x').exists()
+
+
+def test_one_text_file_trains_and_validates_on_its_last_tenth(tmp_path):
+  """The commonest corpus, an input.txt: files: needs no second file (test_data has the cut)."""
+  rng = np.random.default_rng(0)
+  (tmp_path / 'input.txt').write_text(''.join(rng.choice(list('ab cd\n'), size=20_000)))
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path / "run"}',
+                   f'--config.data.name=files:{tmp_path}/input.txt', '--config.train.steps=4',
+                   '--config.train.checkpoint_every=4')
+  assert result.returncode == 0, result.stderr
+  for needle in ('train: 18,000 tokens', 'eval: 2,000 tokens',
+                 'validation: the last 10% of their bytes (data.val_fraction=0 means 0.1'):
+    assert needle in result.stdout, result.stdout
+  assert (tmp_path / 'run' / 'DONE').exists()
 
 
 def _device_count(monkeypatch, cores, **overrides):
