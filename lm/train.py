@@ -58,9 +58,12 @@ class Trainer:
 
   `read_only` (--mode=eval, benchmarks) never writes into the workdir, and opens its
   checkpoints without the clean-up a trainer does, so it may read a run that is training.
+  `shapes_only` (--dry_run) builds everything a plan compiles without loading the data; then
+  `steps` is None when it depends on a dataset size the plan does not know.
   """
 
-  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False):
+  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False,
+               shapes_only: bool = False):
     self.config, self.workdir, self.read_only = config, workdir, read_only
     self.is_main = jax.process_index() == 0
     check_values(config)
@@ -69,13 +72,14 @@ class Trainer:
                         sharding.data_shards(self.mesh), config.train.grad_accum_steps)
     if not read_only:
       self._check_config_drift()
-    self.task = tasks.build(config, workdir)
+    self.task = tasks.build(config, workdir, shapes_only=shapes_only)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
-    if config.train.eval_every_epochs > 0:
+    if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
-    self.tx, schedule = optim.make(config.optim, self.steps)
+    # An unknown length (a plan) changes the schedule's values, not what the step compiles to.
+    self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
     self._build_state_shardings()

@@ -11,6 +11,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, 'tiny_config.py')
+TINY_CNN = os.path.join(HERE, 'tiny_cnn_config.py')
 
 
 def lm_main(*args, env_extra=None, timeout=300):
@@ -87,6 +88,24 @@ def test_one_text_file_trains_and_validates_on_its_last_tenth(tmp_path):
                  'validation: the last 10% of their bytes (data.val_fraction=0 means 0.1'):
     assert needle in result.stdout, result.stdout
   assert (tmp_path / 'run' / 'DONE').exists()
+
+
+@pytest.mark.parametrize('config,extra,needles', [
+    (TINY, ['--config.model.num_layers=11'],
+     ['data: tiny_shakespeare: no text read', 'ASSUMED 256 characters', '; 20 steps: ']),
+    (TINY_CNN, [], ['images 32x32x3, 10 classes, 256 training examples', '; 300 steps: ']),
+    ('experiments/sms_spam.py', [], ['vocab 10,003', 'steps unknown: train.epochs=10']),
+], ids=['lm', 'cifar', 'text'])
+def test_dry_run_plans_from_the_config_without_the_data(tmp_path, config, extra, needles):
+  """The README's plan command on a fresh machine: no dataset there, and none needed."""
+  result = lm_main(f'--config={config}', f'--workdir={tmp_path / "x"}', '--dry_run',
+                   '--config.data.data_dir=/nonexistent', *extra)
+  assert result.returncode == 0, result.stderr
+  for needle in needles + ['parameters:', 'FLOPs per step', 'predicted step time']:
+    assert needle in result.stdout, result.stdout
+  if config == TINY:  # 11 blocks, listed as read: block_2 before block_10.
+    assert result.stdout.index('block_2/') < result.stdout.index('block_10/')
+  assert not (tmp_path / 'x').exists()
 
 
 def _device_count(monkeypatch, cores, **overrides):
