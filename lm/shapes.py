@@ -139,7 +139,7 @@ def _npz_header(path: str) -> tuple[int, ...]:
 
 def images(config, process_count: int = 1) -> Shapes:
   """Image classification: shapes and counts from TFDS metadata, a known table or .npz headers."""
-  d, m, batch = config.data, config.model, config.train.batch_size
+  d, batch = config.data, config.train.batch_size
   info = datasets.tfds_info(d.name, d.data_dir) if d.name else None
   names = None
   if info is not None:
