@@ -33,14 +33,18 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 
-def build(config, workdir: str) -> 'Task':
-  """The task `config.task` names."""
+def build(config, workdir: str, *, shapes_only: bool = False) -> 'Task':
+  """The task `config.task` names. `shapes_only` (--dry_run): a task that can plans from the
+  config and dataset metadata (lm/shapes.py) instead of loading its data."""
   kinds = {'lm': LanguageModel, 'classify': ImageClassification,
            'classify_text': TextClassification}
   if config.task not in kinds:
     raise ConfigError(f'task={config.task!r} is unknown; use one of '
                       'lm, classify, classify_text')
-  return kinds[config.task](config, workdir)
+  kind = kinds[config.task]
+  if shapes_only and kind.plans_without_data:
+    return kind(config, workdir, shapes_only=True)
+  return kind(config, workdir)
 
 
 def apply(model: nn.Module, params, model_state, args, *, train: bool, rng=None, **kwargs):
@@ -59,6 +63,7 @@ class Task:
 
   unit = 'examples'
   write_reports = True  # False for a reader of a workdir it may not write (--mode=eval).
+  plans_without_data = False  # True: takes shapes_only=True, with lm/shapes.py's data.
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
@@ -93,9 +98,12 @@ class Task:
     """One example's worth of a training batch, for shapes."""
     return jax.tree.map(lambda x: x[:1], self.data.train_batch(0))
 
-  def steps(self) -> int:
+  def steps(self) -> int | None:
+    """train.steps, or train.epochs of the data; None when the data's size is unknown (a plan)."""
     train = self.config.train
     if train.epochs > 0:
+      if self.data.steps_per_epoch is None:
+        return None
       return max(1, int(round(train.epochs * self.data.steps_per_epoch)))
     return train.steps
 
@@ -135,14 +143,16 @@ class LanguageModel(Task):
   """Next-token prediction on a text corpus; reports bits per byte."""
 
   unit = 'tokens'
+  plans_without_data = True
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, shapes_only: bool = False):
     super().__init__(config, workdir)
-    from lm import data, model  # pylint: disable=g-import-not-at-top
+    from lm import data, model, shapes  # pylint: disable=g-import-not-at-top
     # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
     tokenizer = (data.load_tokenizer(workdir)
                  if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
-    self.data = data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count())
+    self.data = (shapes.text(config, jax.process_count()) if shapes_only else
+                 data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count()))
     self.model_config = model.TransformerConfig.from_config(config.model, self.data.vocab_size)
     self.model = model.Transformer(self.model_config)
     self.items_per_step = self.data.tokens_per_batch
@@ -377,11 +387,13 @@ class ImageClassification(Classification):
   """Image classifiers of lm/cnn.py on TFDS image datasets or `<split>.npz` files."""
 
   unit = 'images'
+  plans_without_data = True
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, shapes_only: bool = False):
     super().__init__(config, workdir)
-    from lm import cnn, images  # pylint: disable=g-import-not-at-top
-    self.data = images.make_image_data(config, jax.process_index(), jax.process_count())
+    from lm import cnn, images, shapes  # pylint: disable=g-import-not-at-top
+    self.data = (shapes.images(config, jax.process_count()) if shapes_only else
+                 images.make_image_data(config, jax.process_index(), jax.process_count()))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = cnn.build(config.model)
     self.items_per_step = config.train.batch_size
@@ -408,20 +420,23 @@ class TextClassification(Classification):
   `--mode=eval` and by `lm.predict`, so ids and class indices mean the same thing everywhere.
   """
 
-  def __init__(self, config, workdir: str):
+  plans_without_data = True
+
+  def __init__(self, config, workdir: str, shapes_only: bool = False):
     super().__init__(config, workdir)
-    from lm import data, labelled_text, model  # pylint: disable=g-import-not-at-top
+    from lm import data, labelled_text, model, shapes  # pylint: disable=g-import-not-at-top
     if os.path.exists(os.path.join(workdir, 'tokenizer.json')):
       tokenizer = data.load_tokenizer(workdir)
-    elif config.init.workdir:
+    elif config.init.workdir and not shapes_only:
       from lm import transfer  # pylint: disable=g-import-not-at-top
       tokenizer = transfer.source_tokenizer(config)  # Ids mean what they meant in pretraining.
     else:
       tokenizer = None
     labels = (labelled_text.load_labels(workdir)
               if os.path.exists(labelled_text.labels_path(workdir)) else None)
-    self.data = labelled_text.make(config, tokenizer, labels, jax.process_index(),
-                                   jax.process_count(), cls=config.model.pool == 'cls')
+    self.data = (shapes.labelled_text(config, jax.process_count()) if shapes_only else
+                 labelled_text.make(config, tokenizer, labels, jax.process_index(),
+                                    jax.process_count(), cls=config.model.pool == 'cls'))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = model.Classifier.from_config(config.model, self.data.vocab_size)
     if self.data.max_len > self.model.config.seq_len:

@@ -59,9 +59,12 @@ class Trainer:
 
   `read_only` (--mode=eval, benchmarks) never writes into the workdir, and opens its
   checkpoints without the clean-up a trainer does, so it may read a run that is training.
+  `shapes_only` (--dry_run) builds everything a plan compiles without loading the data; then
+  `steps` is None when it depends on a dataset size the plan does not know.
   """
 
-  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False):
+  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False,
+               shapes_only: bool = False):
     self.config, self.workdir, self.read_only = config, workdir, read_only
     self.is_main = jax.process_index() == 0
     check_values(config)
@@ -72,13 +75,15 @@ class Trainer:
     self.init_notes = transfer.adopt(config) if config.init.workdir else []
     if not read_only:
       self._check_config_drift()
-    self.task = tasks.build(config, workdir)
+    self.task = tasks.build(config, workdir, shapes_only=shapes_only)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
-    if config.train.eval_every_epochs > 0:
+    if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
-    self.tx, schedule = optim.make(config.optim, self.steps, config.model.num_layers)
+    # An unknown length (a plan) changes the schedule's values, not what the step compiles to.
+    self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps,
+                                   config.model.num_layers)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
     self._build_state_shardings()
