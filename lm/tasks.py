@@ -33,14 +33,14 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 
-def build(config, workdir: str) -> 'Task':
-  """The task `config.task` names."""
+def build(config, workdir: str, training: bool = True) -> 'Task':
+  """The task `config.task` names; `training=False` builds it to evaluate a trained run."""
   kinds = {'lm': LanguageModel, 'classify': ImageClassification,
            'classify_text': TextClassification}
   if config.task not in kinds:
     raise ConfigError(f'task={config.task!r} is unknown; use one of '
                       'lm, classify, classify_text')
-  return kinds[config.task](config, workdir)
+  return kinds[config.task](config, workdir, training=training)
 
 
 def apply(model: nn.Module, params, model_state, args, *, train: bool, rng=None, **kwargs):
@@ -59,8 +59,8 @@ class Task:
 
   unit = 'examples'
 
-  def __init__(self, config, workdir: str):
-    self.config, self.workdir = config, workdir
+  def __init__(self, config, workdir: str, training: bool = True):
+    self.config, self.workdir, self.training = config, workdir, training
     self.is_main = jax.process_index() == 0
     train = config.train
     self._penalty_mask = None
@@ -83,6 +83,11 @@ class Task:
 
   def eval_batches(self, split: str):
     return self.data.eval_batches(split)
+
+  def has_split(self, split: str) -> bool:
+    """Whether the data has `split` (--mode=eval skips a test split another dir lacks)."""
+    del split
+    return True
 
   def example_batch(self) -> dict:
     """One example's worth of a training batch, for shapes."""
@@ -131,8 +136,8 @@ class LanguageModel(Task):
 
   unit = 'tokens'
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, training: bool = True):
+    super().__init__(config, workdir, training)
     from lm import data, model  # pylint: disable=g-import-not-at-top
     # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
     tokenizer = (data.load_tokenizer(workdir)
@@ -229,8 +234,8 @@ class Classification(Task):
   """Softmax classifiers: weighted cross-entropy or focal loss; accuracy, per-class F1,
   confusion matrix and, for two classes, ROC AUC, a PR curve and a tuned threshold."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, training: bool = True):
+    super().__init__(config, workdir, training)
     t = config.train
     if t.loss not in ('cross_entropy', 'focal'):
       raise ConfigError(f'train.loss={t.loss!r} is unknown; use cross_entropy or focal')
@@ -365,8 +370,8 @@ class ImageClassification(Classification):
 
   unit = 'images'
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, training: bool = True):
+    super().__init__(config, workdir, training)
     from lm import cnn, images  # pylint: disable=g-import-not-at-top
     self.data = images.make_image_data(config, jax.process_index(), jax.process_count())
     self._setup_classes(self.data.class_names, self.data.class_counts)
@@ -384,19 +389,28 @@ class ImageClassification(Classification):
 class TextClassification(Classification):
   """A Transformer encoder (lm/model.py's Classifier) on labelled text (lm/labelled_text.py).
 
-  The tokenizer and the label names are saved in the workdir and reused on resume, by
-  `--mode=eval` and by `lm.predict`, so ids and class indices mean the same thing everywhere.
+  The tokenizer, the label names and the train split's class counts are saved in the workdir
+  and reused on resume, by `--mode=eval` and by `lm.predict`, so ids and class indices mean
+  the same thing everywhere. Built to evaluate (`training=False`), it reads only the splits it
+  evaluates, so `--mode=eval` runs on a dir that holds nothing but the eval split's file.
   """
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, training: bool = True):
+    super().__init__(config, workdir, training)
     from lm import data, labelled_text, model  # pylint: disable=g-import-not-at-top
     tokenizer = (data.load_tokenizer(workdir)
                  if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
     labels = (labelled_text.load_labels(workdir)
               if os.path.exists(labelled_text.labels_path(workdir)) else None)
+    # Runs from before train_counts.json was written evaluate by reading the train split.
+    counts = (None if training or labels is None else
+              labelled_text.load_train_counts(workdir, labels))
+    if counts is not None and tokenizer is None:
+      raise ConfigError(f'no tokenizer.json in {workdir!r} beside its labels.json; the run is '
+                        'incomplete: retrain it')
     self.data = labelled_text.make(config, tokenizer, labels, jax.process_index(),
-                                   jax.process_count(), cls=config.model.pool == 'cls')
+                                   jax.process_count(), cls=config.model.pool == 'cls',
+                                   train_counts=counts)
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = model.Classifier.from_config(config.model, self.data.vocab_size)
     if self.data.max_len > self.model.config.seq_len:
@@ -412,6 +426,12 @@ class TextClassification(Classification):
     return apply(self.model, params, model_state, (batch['tokens'], batch['token_mask']),
                  train=train, rng=rng)
 
+  def example_batch(self) -> dict:
+    return self.data.example_batch()
+
+  def has_split(self, split: str) -> bool:
+    return self.data.has_split(split)
+
   def flops_per_step(self, variables, batch) -> float:
     """6N per token plus attention, over the padded length (what the step computes)."""
     del variables, batch
@@ -425,3 +445,5 @@ class TextClassification(Classification):
       data.save_tokenizer(workdir, self.data.tokenizer)
     if not os.path.exists(labelled_text.labels_path(workdir)):
       labelled_text.save_labels(workdir, self.data.class_names)
+    if not os.path.exists(labelled_text.train_counts_path(workdir)):
+      labelled_text.save_train_counts(workdir, self.data.class_names, self.data.class_counts)
