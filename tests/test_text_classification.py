@@ -179,6 +179,29 @@ def spam_run(tmp_path_factory):
   return workdir
 
 
+def test_a_task_built_to_evaluate_reads_only_the_eval_split(spam_run, tmp_path):
+  from lm import tasks  # pylint: disable=g-import-not-at-top
+  other = tmp_path / 'other'
+  other.mkdir()
+  _write_csv(other / 'new.csv', [('free prize, call now', 'spam'), ('see you soon', 'ham')] * 3)
+  c = config_lib.load(TINY_TEXT)
+  c.data.update(data_dir=str(other), eval_split='new')
+  task = tasks.build(c, str(spam_run), training=False)  # No train.csv there: not read.
+  assert task.data.class_counts.tolist() == [3174, 499]  # From train_counts.json.
+  assert task.has_split('new') and not task.has_split('test')
+  (batch,) = task.eval_batches('new')
+  assert batch['valid'].sum() == 6 and batch['label'][:2].tolist() == [1, 0]
+  assert task.example_batch()['tokens'].shape == (1, c.data.max_len)
+  with pytest.raises(config_lib.ConfigError, match='no train split'):
+    task.data.train_batch(0)
+  # A held-out validation split is the same rows, tokenized the same, as in training.
+  c = config_lib.load(TINY_TEXT)
+  held_out = tasks.build(c, str(spam_run), training=False).data.split('validation')
+  trained = labelled_text.make(c).splits['validation']
+  np.testing.assert_array_equal(held_out.tokens_NxL, trained.tokens_NxL)
+  np.testing.assert_array_equal(held_out.labels_N, trained.labels_N)
+
+
 # Remove this marker with the train.py/main.py change it names (Trainer(training=False) for
 # --mode=eval, data.eval_split/test_split resumable, a test split the dir lacks skipped).
 @pytest.mark.xfail(strict=True, reason='needs lm/train.py and lm/main.py to build the task '
