@@ -8,7 +8,7 @@ for validation (accuracy every epoch), test evaluated at the end. No augmentatio
 flips are for CIFAR; a flipped digit is another digit). Batch 32, 20 epochs, constant lr.
 Reference: scikit-learn's MLPClassifier(hidden_layer_sizes=(512, 256), Adam) on the same
 split gets 94.6% test (benchmarks/text_classification.py).
-Result, 2026-11-30, the command above on the 2-core AMD EPYC CPU while other jobs loaded it
+Result, 2026-11-30, the command above on the 2-core Intel Xeon CPU while other jobs loaded it
 (load average 4.3-4.8): 96.1% test accuracy (94.5% on the 400 held-out validation images,
 91-95% over the epochs), 535,818 params, 42 s wall including start-up and compilation.
 """
