@@ -34,6 +34,8 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's `lm`, not whichever one the venv has installed.
+sys.path.insert(0, REPO_ROOT)
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), 'shared')
 
 # name: (experiment, data dir under shared/, metric key, what it measures, target, time limit s)

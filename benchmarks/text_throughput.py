@@ -35,6 +35,8 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's `lm`, not whichever one the venv has installed.
+sys.path.insert(0, REPO_ROOT)
 EXPERIMENT = 'experiments/sst2.py'
 
 
