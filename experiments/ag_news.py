@@ -16,9 +16,10 @@ branches and 0.5 on the pooled features took test accuracy from 85.2% (width 64,
 epochs do not help (validation peaks by epoch 3 or 4).
 Reference: word 1-2-gram TF-IDF + logistic regression on the same 9,000 articles: 87.4% test
 (benchmarks/text_classification.py).
-Result, 2026-11-30, the command above on the 2-core Intel Xeon CPU with other jobs loading it
-(load average 7-10): 87.3% test accuracy (validation 83.9, 85.7, 87.4, 87.2% after epochs
-1-4), 8 min 30 s wall. Target was 88%: missed by 0.7 points.
+Result, 2026-11-30, the command above on the 2-core Intel Xeon CPU with other jobs loading it:
+87.3% test accuracy (validation 83.9, 85.7, 87.4, 87.2% after epochs 1-4), 8 min 30 s wall
+at load 7-10 (28 min 31 s in the benchmark run at load 12-13). Target was 88%: missed by 0.7
+points.
 """
 
 from lm import config as base

@@ -14,11 +14,11 @@ Why 2 epochs: dev accuracy peaks after the second pass over the 67k phrases and 
 (80.5, 81.9, 80.3% after epochs 1-3 of this config; with the lr constant, the first two epochs
 of a 3-epoch run are this run). Wider (128) or deeper (2 blocks) encoders with dropout 0.3
 and label smoothing did no better (80.7, 80.4, 79.5%; 79.9% after one epoch).
-Reference: word 1-2-gram TF-IDF + logistic regression on the same data: see
-docs/TEXT_CLASSIFICATION.md (about 82.8%); Flax's BiLSTM example: 85.2%.
-Result, 2026-11-30, the command above (as the first 2 epochs of a 3-epoch run) on the 2-core
-Intel Xeon CPU with other jobs loading it (load average 7-10): 81.9% GLUE dev accuracy, about
-6 min wall for 2 epochs under that load. Target was 83%: missed by 1.1 points.
+Reference: word 1-2-gram TF-IDF + logistic regression on the same train split: 82.8% GLUE
+dev (benchmarks/text_classification.py); Flax's BiLSTM example: 85.2%.
+Result, 2026-11-30, the command above on the 2-core Intel Xeon CPU with other jobs loading it
+(load average 10-16): 81.9% GLUE dev accuracy (80.5% after epoch 1), 20 min 51 s wall; the
+same 2 epochs took about 6 min at load 7-10. Target was 83% in 15 min: missed by 1.1 points.
 """
 
 from lm import config as base
