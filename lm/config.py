@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
+  c.model.hidden = (128, 64)      # classify, model.name=mlp: widths of the ReLU hidden layers.
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.

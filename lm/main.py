@@ -229,7 +229,8 @@ def run(argv) -> int:
       plan.print_plan(config, _PLAN_DEVICE.value, read_data=_PLAN_DATA.value)
       return 0
     if _MODE.value == 'eval':
-      result = train.Trainer(config, workdir, read_only=True).evaluate_latest()
+      result = train.Trainer(config, workdir, read_only=True,
+                             training=False).evaluate_latest()
     else:
       trainer = train.Trainer(config, workdir)  # Validates everything; writes nothing.
       if jax.process_index() == 0:

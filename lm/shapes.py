@@ -53,6 +53,9 @@ class Shapes:
     del step
     return {k: np.zeros((self.rows, *shape), dtype) for k, (shape, dtype) in self.example.items()}
 
+  def example_batch(self) -> dict[str, np.ndarray]:
+    return {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in self.example.items()}
+
   def describe(self) -> list[str]:
     return self.lines
 

@@ -34,8 +34,8 @@ from lm.config import ConfigError, check_values, to_json
 _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                       'train.eval_every_epochs', 'train.eval_batches',
                       'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
-                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
-                      'resume_mismatch')
+                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir',
+                      'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch')
 
 
 class Diverged(RuntimeError):
@@ -64,7 +64,7 @@ class Trainer:
   """
 
   def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False,
-               shapes_only: bool = False):
+               shapes_only: bool = False, training: bool = True):
     self.config, self.workdir, self.read_only = config, workdir, read_only
     self.is_main = jax.process_index() == 0
     check_values(config)
@@ -75,7 +75,7 @@ class Trainer:
     self.init_notes = transfer.adopt(config) if config.init.workdir else []
     if not read_only:
       self._check_config_drift()
-    self.task = tasks.build(config, workdir, shapes_only=shapes_only)
+    self.task = tasks.build(config, workdir, training=training, shapes_only=shapes_only)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
     if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
@@ -279,9 +279,14 @@ class Trainer:
                                             then='run --mode=eval again to evaluate')
     writable = os.access(self.workdir, os.W_OK)
     self.task.write_reports = writable
-    out = self.evaluate(state, self.config.data.eval_split)
-    if self.config.data.test_split:
-      out.update(self.evaluate(state, self.config.data.test_split, prefix='test'))
+    d = self.config.data
+    out = self.evaluate(state, d.eval_split)
+    if d.test_split:
+      if self.task.has_split(d.test_split):
+        out.update(self.evaluate(state, d.test_split, prefix='test'))
+      elif self.is_main:
+        print(f'no {d.test_split!r} split in {d.data_dir!r}: evaluated {d.eval_split!r} only',
+              flush=True)
     if writable:
       metrics_lib.append_row(self.workdir, step, {**out, 'eval/data_dir': self.config.data.data_dir})
     elif self.is_main:
