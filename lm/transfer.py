@@ -19,7 +19,6 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 
 from lm import checkpoint
 from lm.checkpoint import ocp  # Imports orbax at first use.
