@@ -48,7 +48,11 @@ def test_smoke_runs_every_item_and_records_versions(smoke):
     r = items[name]
     assert r['unit'] == 'tokens/s' and r['figure'] > 0 and math.isfinite(r['loss'])
     assert 0 < r['mfu'] < 1 and r['plan']['step_ms'] > 0 and r['plan']['memory_bytes'] > 0
-  assert items['largest_lm']['overrides']['model.scan_layers'] is True
+  largest = items['largest_lm']
+  assert largest['overrides']['model.scan_layers'] is True
+  # The remat search compiled the step and took the first policy that fits.
+  assert largest['overrides']['model.remat'] == 'none'
+  assert any(n.startswith('remat none: the compiled step needs') for n in largest['notes'])
   for name in ('resnet20', 'wrn16_4', 'wrn28_10', 'seed_cnn'):
     assert items[name]['unit'] == 'images/s' and items[name]['figure'] > 0
   r9 = items['resnet9']
