@@ -177,15 +177,20 @@ def check_values(config) -> None:
       raise ConfigError(f'{field}={value!r} must be one of {", ".join(choices)}')
 
 
-def load(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from an experiment file anywhere on disk."""
+def experiment_module(path: str):
+  """Imports an experiment file anywhere on disk (its `get_config()`, maybe `sweep()`)."""
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} does not exist; pass --config=experiments/<name>.py')
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from an experiment file anywhere on disk."""
+  config = experiment_module(path).get_config()
   config.lock()
   return config
 

@@ -226,6 +226,8 @@ def run(argv) -> int:
   if _MODE.value == 'train' and not _DRY_RUN.value:
     stop = train.StopFlag()  # Before anything slow, so a SIGTERM during set-up is honoured.
   _maybe_initialize_distributed()
+  if stop is not None:
+    stop.install()  # Back from jax.distributed's preemption notifier.
   import jax  # pylint: disable=g-import-not-at-top
   runtime.enable_compilation_cache()
   lock = None

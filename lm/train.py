@@ -573,6 +573,11 @@ class StopFlag:
 
   def __init__(self):
     self.requested, self._first = False, None
+    self.install()
+
+  def install(self):
+    """(Re)claims SIGTERM and SIGINT. `jax.distributed.initialize` installs a SIGTERM
+    handler of its own (its preemption notifier), so call this again after it."""
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         signal.signal(sig, self._handle)
