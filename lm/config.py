@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_len = 0              # Labelled text: tokens per example, [CLS] included (0 = seq_len).
   c.data.vocab_size = 20000       # word tokenizer: most frequent train words kept (+3 specials).
   c.data.oversample = False       # classify: draw examples with weight 1/(their class count).
+  c.data.augment_on_device = False  # classify: crop/flip/cutout in the jitted step (uint8 batches).
+  c.data.prefetch = -1            # Batches built ahead on a thread (-1: 2 on GPU/TPU, 0 on CPU).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.
@@ -64,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True   # Output projection shares the token embedding.
   c.model.dropout = 0.0           # Dropout on residual branches and embeddings.
   c.model.dtype = 'float32'       # Compute dtype ('bfloat16' on accelerators); params stay float32.
-  c.model.remat = False           # Rematerialise each block in the backward pass.
+  c.model.remat = 'none'          # Recompute in backward: none, dots (keep weight matmuls) or full.
+  c.model.attention = 'auto'      # auto (cuDNN on GPU in 16-bit, else einsum), cudnn, xla, einsum.
+  c.model.scan_layers = False     # nn.scan over blocks: flat compile time; params stacked, blocks/.
   c.model.causal = True           # Causal attention; False: a bidirectional encoder (classifiers).
   c.model.pool = 'mean'           # Text classifier: mean, cls (first token) or last (last non-pad).
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.

@@ -13,7 +13,6 @@ import dataclasses
 import zipfile
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from lm import datasets
 from lm import tokenizer as tokenizer_lib
@@ -183,6 +182,7 @@ def labelled_text(config, process_count: int = 1) -> Shapes:
   info = datasets.tfds_info(d.name, d.data_dir) if d.name else None
   names, n = None, None
   if info is not None:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (TFDS runs only)
     label = info.features[d.label_key] if d.label_key in info.features else None
     names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else None
     n = _split_count(info, d.train_split)

@@ -19,14 +19,15 @@ import os
 import re
 
 import jax
-import orbax.checkpoint as ocp
 
 from lm import checkpoint
+from lm.checkpoint import ocp  # Imports orbax at first use.
 from lm.config import ConfigError
 
 # Fields of config.model a text trunk shares with the run it starts from.
+# scan_layers too: it decides the parameter paths (block_<i>/... or stacked blocks/...).
 _TRUNK_FIELDS = ('num_layers', 'num_heads', 'd_model', 'mlp_dim', 'seq_len', 'pos', 'norm',
-                 'mlp', 'use_bias')
+                 'mlp', 'use_bias', 'scan_layers')
 _IMAGE_FIELDS = ('name', 'width')
 
 
@@ -70,6 +71,8 @@ def adopt(config) -> list[str]:
     else:
       continue
     for field in fields:
+      if field not in source['model']:
+        continue  # A run from before the field: it had the default.
       value = source['model'][field]
       if config.model[field] != value:
         notes.append(f'init: model.{field}={value!r} from {workdir} (the config said '

@@ -197,6 +197,15 @@ def test_layer_decay_scales_each_block():
   assert got == {'embedding': -0.125, 'block_0': -0.25, 'block_1': -0.5, 'cls_head': -1.0}
 
 
+def test_layer_decay_refuses_the_stacked_layers_of_scan_layers():
+  c = config_lib.get_config().optim
+  c.update(layer_decay=0.5)
+  params = {'embedding': np.ones(1, np.float32), 'blocks': {'w': np.ones((2, 1), np.float32)}}
+  tx, _ = optim.make(c, steps=10, num_layers=2)
+  with pytest.raises(ConfigError, match='model.scan_layers=False'):
+    tx.init(params)
+
+
 @pytest.mark.parametrize('field,value,needle', [
     ('freeze', 'no_such_param', 'matches no parameter'),
     ('freeze', '(unclosed', 'not a valid regex'),
