@@ -81,21 +81,21 @@ def test_lm_trunk_seeds_the_classifier_and_the_report_says_so(pretrained, tmp_pa
   assert np.isfinite(result['test/loss'])
 
 
-def test_the_source_tokenizer_is_reused_and_another_is_refused(pretrained, tmp_path):
-  with pytest.raises(ConfigError, match=r'used the byte tokenizer but data.tokenizer=.word.'):
-    train.Trainer(text_config(**{'init.workdir': pretrained, 'data.tokenizer': 'word'}),
-                  str(tmp_path))
+def test_the_source_tokenizer_is_reused(pretrained, tmp_path, capsys):
+  config = text_config(**{'init.workdir': pretrained, 'data.tokenizer': 'word'})
+  trainer = train.Trainer(config, str(tmp_path))
+  assert config.data.tokenizer == 'byte' and trainer.task.data.vocab_size == 258
+  assert any("data.tokenizer='byte' from" in n for n in trainer.init_notes)
 
 
 def test_a_mismatched_tree_is_refused_naming_the_path_and_shapes(pretrained, tmp_path):
-  config = cfg(TINY_LM, **{'data.tokenizer': 'char', 'model.seq_len': 32,
-                           'init.workdir': pretrained})  # 65 characters, not 256 bytes.
+  config = cfg(TINY_LM, **{'model.vocab_size': 200, 'init.workdir': pretrained})
   with pytest.raises(ConfigError, match=r'init: params/embedding is \(256, 32\) in .* but '
-                                        r'params/embedding is \(65, 32\) here'):
+                                        r'params/embedding is \(200, 32\) here'):
     train.Trainer(config, str(tmp_path)).initial_state()
   config.init.skip = 'embedding'
   state = train.Trainer(config, str(tmp_path)).initial_state()  # Named: then it is allowed.
-  assert state.params['embedding'].shape == (65, 32)
+  assert state.params['embedding'].shape == (200, 32)
 
 
 def test_an_unused_source_leaf_is_refused_unless_skipped(tmp_path):
