@@ -15,12 +15,13 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from lm import cli
 from lm.config import ConfigError, num_processes, split_cpu_devices
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
+_WORKDIR = cli.WORKDIR
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train, or evaluate the latest '
                           'checkpoint on data.eval_split (and data.test_split).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the mesh, shardings, memory and FLOPs '
@@ -249,6 +250,8 @@ def run(argv) -> int:
   finally:
     if lock is not None:
       lock.close()
+    if stop is not None:
+      stop.exiting()
   return 0
 
 

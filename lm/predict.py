@@ -28,9 +28,10 @@ from absl import logging
 import jax
 import numpy as np
 
+from lm import cli
 from lm.config import ConfigError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory a text-classification run wrote.')
+_WORKDIR = cli.WORKDIR
 _TEXT = flags.DEFINE_multi_string('text', [], 'A text to label; repeat for several.')
 _FILE = flags.DEFINE_string('file', '', 'A UTF-8 file of texts, one per line; blank lines '
                             'are skipped.')

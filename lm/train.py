@@ -576,6 +576,16 @@ class StopFlag:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
+  def exiting(self):
+    """The run has stopped and saved. Python restores the default handlers as it shuts down,
+    so a repeat signal then would kill the process and turn exit 0 into -15: ignore it."""
+    if self.requested:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+          signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+          pass
+
   def _handle(self, signum, frame):
     del frame
     now = time.monotonic()
