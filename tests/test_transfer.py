@@ -215,3 +215,27 @@ def test_optax_groups_keep_sharding_rules(tmp_path):
   specs = {str(s.spec) for s in jax.tree.leaves(trainer.state_shardings.opt_state)}
   assert any('fsdp' in s for s in specs)
   assert isinstance(trainer.tx, optax.GradientTransformation)
+
+
+def test_text_pretrain_then_sms_spam_fine_tunes_from_it(tmp_path, monkeypatch):
+  """The contract's two commands, shrunk: experiments/text_pretrain.py on its default corpus
+  (read from the repository root, as the command runs), then sms_spam.py from it."""
+  monkeypatch.chdir(ROOT)
+  pre = str(tmp_path / 'pre')
+  c = cfg(os.path.join(ROOT, 'experiments', 'text_pretrain.py'),
+          **{'data.max_bytes': 200_000, 'data.vocab_size': 500, 'model.num_layers': 1,
+             'model.d_model': 32, 'model.num_heads': 2, 'model.seq_len': 32,
+             'train.steps': 3, 'train.eval_every': 3, 'train.eval_batches': 2,
+             'train.checkpoint_every': 3})
+  assert np.isfinite(train.Trainer(c, pre).run()['eval/loss'])
+  ft = text_config(**{'init.workdir': pre, 'data.data_dir': os.path.join(SHARED, 'text',
+                                                                          'sms_spam')})
+  trainer = train.Trainer(ft, str(tmp_path / 'ft'))
+  # The pretraining run's trunk and SentencePiece model are taken, whatever sms_spam.py says.
+  assert (ft.model.num_layers, ft.model.d_model, ft.data.tokenizer) == (1, 32, 'sentencepiece')
+  assert trainer.task.data.vocab_size == 502  # Its 500 pieces, then [PAD] and [CLS].
+  source = params_of(pre, c)
+  state = jax.device_get(trainer.initial_state())
+  jax.tree.map(np.testing.assert_array_equal, state.params['block_0'], source['block_0'])
+  np.testing.assert_array_equal(state.params['embedding'][:500], source['embedding'])
+  assert 0.0 <= trainer.run()['test/f1'] <= 1.0
