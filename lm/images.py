@@ -26,7 +26,6 @@ from lm import datasets
 from lm.config import ConfigError
 
 _PAD = 4              # Random-crop padding on each side (He et al. 2016).
-_VAL_SEED = 0         # The held-out validation examples do not move with `config.seed`.
 _READ_CHUNK = 2000    # Examples per `__getitems__` call while decoding.
 
 
@@ -97,13 +96,14 @@ def load_split(name: str, split: str, data_dir: str = '', max_examples: int = 0,
   return Split(np.stack(images)[order], np.array(labels, np.int32)[order], ids_N[order])
 
 
+def _take(split: Split, rows: np.ndarray) -> Split:
+  return Split(split.images_NxHxWxC[rows], split.labels_N[rows], split.ids_N[rows])
+
+
 def hold_out(split: Split, fraction: float) -> tuple[Split, Split]:
   """(train, validation): a fixed random `fraction` of the examples held out."""
-  n_val = int(round(fraction * len(split.labels_N)))
-  perm = np.random.default_rng(_VAL_SEED).permutation(len(split.labels_N))
-  val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-  take = lambda idx: Split(split.images_NxHxWxC[idx], split.labels_N[idx], split.ids_N[idx])
-  return take(train), take(val)
+  train, val = batches.hold_out(len(split.labels_N), fraction)
+  return _take(split, train), _take(split, val)
 
 
 def channel_stats(images_NxHxWxC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,6 +286,9 @@ def make_image_data(config, process_index: int = 0, process_count: int = 1) -> I
       d.val_fraction)
   if d.val_fraction > 0:
     splits['validation'] = val
+  if d.train_fraction < 1:
+    splits['train'] = _take(splits['train'],
+                            batches.subset(len(splits['train'].labels_N), d.train_fraction))
   names = class_names(d.name, d.data_dir) or tuple(
       str(k) for k in range(int(splits['train'].labels_N.max()) + 1))
   return ImageData(splits, names, batch_size=batch, seed=config.seed, augment=d.augment,

@@ -99,7 +99,7 @@ def _train_examples(n: int | None, d) -> int | None:
     return None
   if d.max_examples > 0:
     n = min(n, d.max_examples)
-  return n - int(round(d.val_fraction * n))  # As images.hold_out and labelled_text.hold_out.
+  return n - int(round(d.val_fraction * n))  # As batches.hold_out.
 
 
 def _steps_per_epoch(n_train: int | None, batch_size: int) -> int | None:
