@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
   c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
   c.data.val_fraction = 0.0       # classify: hold out this fraction of train for validation.
-  c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
+  c.data.augment = True           # classify: random crop (4-pixel pad), with data.flip flips.
+  c.data.flip = True              # classify: horizontal flips when data.augment.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
   c.data.crop_padding = 'constant'  # classify: crop padding, 'constant' (zeros) or 'reflect'.

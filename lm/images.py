@@ -145,7 +145,7 @@ class ImageData:
   def __init__(self, splits: dict[str, Split], class_names: tuple[str, ...], *,
                batch_size: int, seed: int, augment: bool, cutout: int, loader,
                process_index: int = 0, process_count: int = 1, eval_batch_size: int = 0,
-               pad_mode: str = 'constant'):
+               pad_mode: str = 'constant', flip: bool = True):
     self.splits = splits  # 'train', maybe 'validation'; others join on first use.
     self.class_names = class_names
     self.num_classes = len(class_names)
@@ -156,7 +156,8 @@ class ImageData:
     self.num_train = self.rows.num_examples
     self.steps_per_epoch = self.rows.steps_per_epoch
     self.class_counts = np.bincount(splits['train'].labels_N, minlength=self.num_classes)
-    self._augment, self._cutout, self._pad_mode = augment, cutout, pad_mode
+    self._augment, self._flip, self._cutout = augment, flip, cutout
+    self._pad_mode = pad_mode
     self._loader = loader  # split name -> Split, for splits first asked for in eval_batches.
     self.mean_C, self.std_C = channel_stats(splits['train'].images_NxHxWxC)
 
@@ -177,7 +178,7 @@ class ImageData:
     # Draws are made for the whole global batch, then sliced, to be process-count independent.
     if self._augment:
       dy_B, dx_B = (local(rng.integers(0, 2 * _PAD + 1, g)) for _ in range(2))
-      flip_B = local(rng.random(g) < 0.5)
+      flip_B = local(rng.random(g) < 0.5) & self._flip
       images = crop_flip(images, dy_B, dx_B, flip_B, self._pad_mode)
     x_BxHxWxC = self._normalise(images)
     if self._cutout:
@@ -246,4 +247,4 @@ def make_image_data(config, process_index: int = 0, process_count: int = 1) -> I
   return ImageData(splits, names, batch_size=batch, seed=config.seed, augment=d.augment,
                    cutout=d.cutout, loader=loader, process_index=process_index,
                    process_count=process_count, eval_batch_size=d.eval_batch_size,
-                   pad_mode=d.crop_padding)
+                   pad_mode=d.crop_padding, flip=d.flip)
