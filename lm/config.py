@@ -18,12 +18,12 @@ class ConfigError(ValueError):
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # Seeds init, dropout, data order and augmentation.
-  c.task = 'lm'                   # 'lm' (next tokens), 'classify' (images), 'classify_text'.
+  c.task = 'lm'                   # lm, classify (images), classify_text, classify_multimodal.
   c.resume_mismatch = 'error'     # 'error' or 'ignore': resuming with a changed model/optimizer.
 
   c.data = ml_collections.ConfigDict()
   # TFDS name; 'files:<glob>' for your own text files (lm); '' for split files in data_dir:
-  # <split>.npz (images), <split>.csv|.tsv|.jsonl (classify_text).
+  # <split>.npz (images), <split>.csv|.tsv|.jsonl (classify_text), <split>.jsonl (multimodal).
   c.data.name = 'tiny_shakespeare'
   c.data.data_dir = ''            # TFDS data dir; '' means TFDS's default (~/tensorflow_datasets).
   c.data.text_key = 'text'        # TFDS feature (labelled text: column or JSON key) of the text.
@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_len = 0              # Labelled text: tokens per example, [CLS] included (0 = seq_len).
   c.data.vocab_size = 20000       # word tokenizer: most frequent train words kept (+3 specials).
   c.data.oversample = False       # classify: draw examples with weight 1/(their class count).
+  c.data.image_key = 'image'      # multimodal: manifest key of the image path (relative to it).
+  c.data.image_size = 32          # multimodal: images resized to this square side (0 = as stored).
+  c.data.alpha = 'white'          # multimodal: 'white' (composite, RGB) or 'channel' (RGBA).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.
@@ -68,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
+  c.model.fusion = 'concat'       # multimodal: concat|average|gated|attention|image_only|text_only.
+  c.model.image_model = 'simple_cnn'  # multimodal: the image tower, a model of lm/cnn.py.
+  c.model.fusion_dim = 128        # multimodal: projection, gate, cross-attention and head width.
+  c.model.modality_dropout = 0.0  # multimodal, training: P(drop the image) = P(drop the text).
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.
