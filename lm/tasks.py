@@ -14,7 +14,8 @@ A task gives the trainer
 
 Batches are dicts of named arrays: 'tokens', 'targets' for language modelling; 'image',
 'label', 'valid' (1 for a real example, 0 for eval padding) for image classification;
-'tokens', 'token_mask' (True at real tokens), 'label', 'valid' for text classification.
+'tokens', 'token_mask' (True at real tokens), 'label', 'valid' for text classification;
+all five of those for image + text classification.
 """
 
 import json
@@ -36,10 +37,9 @@ from lm.config import ConfigError
 def build(config, workdir: str) -> 'Task':
   """The task `config.task` names."""
   kinds = {'lm': LanguageModel, 'classify': ImageClassification,
-           'classify_text': TextClassification}
+           'classify_text': TextClassification, 'classify_multimodal': MultimodalClassification}
   if config.task not in kinds:
-    raise ConfigError(f'task={config.task!r} is unknown; use one of '
-                      'lm, classify, classify_text')
+    raise ConfigError(f'task={config.task!r} is unknown; use one of {", ".join(kinds)}')
   return kinds[config.task](config, workdir)
 
 
@@ -425,3 +425,48 @@ class TextClassification(Classification):
       data.save_tokenizer(workdir, self.data.tokenizer)
     if not os.path.exists(labelled_text.labels_path(workdir)):
       labelled_text.save_labels(workdir, self.data.class_names)
+
+
+class MultimodalClassification(Classification):
+  """Image + text classifiers (lm/fusion.py) on manifests of image files and texts
+  (lm/multimodal.py).
+
+  The tokenizer, the label names and the train images' channel statistics are saved in the
+  workdir and reused on resume and by `--mode=eval`, which then needs no train split.
+  """
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    from lm import data, fusion, labelled_text, multimodal  # pylint: disable=g-import-not-at-top
+    saved = lambda path, load: load(workdir) if os.path.exists(path) else None
+    self.data = multimodal.make(
+        config, saved(os.path.join(workdir, 'tokenizer.json'), data.load_tokenizer),
+        saved(labelled_text.labels_path(workdir), labelled_text.load_labels),
+        saved(multimodal.stats_path(workdir), multimodal.load_stats),
+        jax.process_index(), jax.process_count(), cls=config.model.pool == 'cls')
+    self._setup_classes(self.data.class_names, self.data.class_counts)
+    self.model = fusion.FusionClassifier.from_config(config.model, self.data.vocab_size)
+    if self.data.max_len > config.model.seq_len:
+      raise ConfigError(f'data.max_len={self.data.max_len} exceeds model.seq_len='
+                        f'{config.model.seq_len}; raise model.seq_len or lower data.max_len')
+    self.items_per_step = config.train.batch_size
+
+  def example_batch(self) -> dict:
+    return self.data.example_batch()
+
+  def init(self, rng, batch):
+    return self.model.init({'params': rng, 'dropout': rng}, batch['image'], batch['tokens'],
+                           batch['token_mask'], train=False)
+
+  def logits(self, params, model_state, batch, *, train: bool, rng=None):
+    return apply(self.model, params, model_state,
+                 (batch['image'], batch['tokens'], batch['token_mask']), train=train, rng=rng)
+
+  def write_files(self, workdir: str) -> None:
+    from lm import data, labelled_text, multimodal  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+      data.save_tokenizer(workdir, self.data.tokenizer)
+    if not os.path.exists(labelled_text.labels_path(workdir)):
+      labelled_text.save_labels(workdir, self.data.class_names)
+    if not os.path.exists(multimodal.stats_path(workdir)):
+      multimodal.save_stats(workdir, self.data.stats)
