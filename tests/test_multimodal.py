@@ -337,10 +337,11 @@ def _lm_main(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-_TINY = ('--config.model.d_model=16', '--config.model.num_layers=1', '--config.model.num_heads=2',
-         '--config.model.fusion_dim=16', '--config.data.max_len=8', '--config.model.seq_len=8',
-         '--config.train.batch_size=8', '--config.train.epochs=2', '--config.data.val_fraction=0.25',
-         '--config.data.tokenizer=word')
+# The experiment file shrunk to seconds: the user's command with these overrides.
+_TINY = ('--config.model.d_model=16', '--config.model.num_layers=1',
+         '--config.model.num_heads=2', '--config.model.fusion_dim=16', '--config.data.max_len=8',
+         '--config.model.seq_len=8', '--config.train.batch_size=8', '--config.train.epochs=2',
+         '--config.data.val_fraction=0.25', '--config.model.num_classes=3')
 
 
 def test_cli_trains_then_evaluates_a_split_of_another_dir(tmp_path):
