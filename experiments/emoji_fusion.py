@@ -22,7 +22,7 @@ def get_config():
                 vocab_size=400, max_len=16, val_fraction=0.1, eval_split='validation',
                 test_split='')
   c.model.update(fusion='concat', image_model='simple_cnn', num_classes=9, fusion_dim=128,
-                 modality_dropout=0.33, num_layers=2, num_heads=4, d_model=64, seq_len=16,
+                 modality_dropout=0.4, num_layers=2, num_heads=4, d_model=64, seq_len=16,
                  causal=False, pool='mean', dropout=0.1, head_dropout=0.1)
   c.mesh.cpu_devices = 1  # Steps this small run faster on one CPU device than split.
   # 2,398 train examples / 32 = 74 steps an epoch: evaluate and checkpoint each epoch, and keep
