@@ -69,19 +69,6 @@ class Child:
     return code
 
 
-def stop(children: list[Child], grace_s: float = 30.0):
-  """SIGTERM (the trainer saves a checkpoint), then SIGKILL whatever is left after grace_s."""
-  live = [c for c in children if c.poll() is None]
-  for c in live:
-    c.signal(signal.SIGTERM)
-  deadline = time.monotonic() + grace_s
-  while time.monotonic() < deadline and any(c.poll() is None for c in live):
-    time.sleep(0.1)
-  for c in live:
-    if c.poll() is None:
-      c.signal(signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def forward_signals(children_fn):
   """While active, SIGINT/SIGTERM to the launcher go to every live child, once each."""
@@ -102,9 +89,36 @@ def forward_signals(children_fn):
       signal.signal(s, h)
 
 
+def kill_after(children: list[Child], grace_s: float):
+  """SIGKILL whatever has not exited on its own within grace_s."""
+  deadline = time.monotonic() + grace_s
+  while time.monotonic() < deadline and any(c.poll() is None for c in children):
+    time.sleep(0.05)
+  for c in children:
+    if c.poll() is None:
+      c.signal(signal.SIGKILL)
+
+
+def describe_exit(code: int) -> str:
+  if code < 0:
+    try:
+      name = f' ({signal.Signals(-code).name})'
+    except ValueError:
+      name = ''
+    return f'was killed by signal {-code}{name}'
+  return f'exited with code {code}'
+
+
 def run_group(cmds: list[list[str]], envs: list[dict], prefixes: list[str],
-              grace_s: float = 30.0) -> int:
-  """Runs the commands together; the first non-zero exit stops the rest and is returned."""
+              grace_s: float = 3.0, advice=None) -> int:
+  """Runs the commands together as one job; the first non-zero exit ends it and is returned.
+
+  The others cannot go on without the failed one: their next collective (or the barrier of
+  a checkpoint save, or JAX's shutdown) would wait for it until JAX's heartbeat times out,
+  a minute later, and abort. So they get `grace_s` to exit on their own (all may be failing
+  alike, and each says why), then SIGKILL, not SIGTERM: a save needs every process. One
+  line then says which process failed and `advice(exit code)` what to do.
+  """
   children = []
   with forward_signals(lambda: children):
     for cmd, env, prefix in zip(cmds, envs, prefixes):
@@ -116,14 +130,20 @@ def run_group(cmds: list[list[str]], envs: list[dict], prefixes: list[str],
         break
       time.sleep(0.05)
     if failed is not None:
-      # One process alone cannot finish a collective step; the rest would hang, so stop them.
-      with _print_lock:
-        print(f'{failed.prefix}exited with code {failed.poll()}; stopping the other processes',
-              file=sys.stderr, flush=True)
-      stop(children, grace_s)
+      kill_after(children, grace_s)
     for c in children:
       c.finish()
-  return _exit_code(failed.poll()) if failed is not None else 0
+  if failed is None:
+    return 0
+  code = failed.poll()
+  others = len(children) - 1
+  line = f'{failed.prefix}{describe_exit(code)}'
+  if others:
+    line += f'; stopped the other {others} process{"es" if others > 1 else ""}'
+  tail = advice(code) if advice else ''
+  with _print_lock:
+    print(line + (f'. {tail}' if tail else ''), file=sys.stderr, flush=True)
+  return _exit_code(code)
 
 
 def _exit_code(code: int) -> int:

@@ -5,8 +5,9 @@
 
 On CPU each process gets `devices_per_process` fake devices (XLA_FLAGS); on GPUs it gets that
 many GPUs (CUDA_VISIBLE_DEVICES). Output is prefixed `[p0]`, `[p1]`, ...; if one process
-fails the others are stopped and the launcher exits with the failing code. SIGINT/SIGTERM
-are forwarded, so the trainer saves a checkpoint before exiting.
+fails or dies, the others (which cannot go on without it) are killed within --grace_s, and
+the launcher exits with the failing code and one line naming the checkpoint the same command
+resumes from. SIGINT/SIGTERM are forwarded, so the trainer saves a checkpoint before exiting.
 """
 
 import argparse
@@ -32,8 +33,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                  help='auto: gpu when nvidia-smi lists GPUs, else cpu.')
   p.add_argument('--coordinator_port', type=int, default=0, help='0: pick a free port.')
   p.add_argument('--python', default=sys.executable, help='Interpreter for the processes.')
-  p.add_argument('--grace_s', type=float, default=60.0,
-                 help='After a failure, seconds the others get to save before SIGKILL.')
+  p.add_argument('--grace_s', type=float, default=3.0,
+                 help='After a process fails, seconds the others get to exit on their own '
+                 'before SIGKILL (they cannot save without it).')
   args = p.parse_args(own)
   if args.num_processes < 1 or args.devices_per_process < 1:
     raise _cli.UsageError('--num_processes and --devices_per_process must be at least 1')
@@ -89,6 +91,22 @@ def process_envs(num: int, devices: int, platform: str, port: int) -> list[dict]
   return envs
 
 
+def resume_advice(workdir: str, code: int) -> str:
+  """What to do after a process failed with `code`: where the same command resumes from."""
+  if code in (2, 3):  # lm.main's bad input and divergence: its own error line says what to do.
+    return 'Its error is above'
+  try:
+    from lm import checkpoint  # pylint: disable=g-import-not-at-top
+    step = checkpoint.latest_step(workdir)  # Lists the directory; opens nothing for writing.
+  except Exception:  # pylint: disable=broad-except
+    # The advice must not hide the failure; without the step it is still right.
+    return 'Run the same command to resume from the latest checkpoint'
+  if step is None:
+    return f'No checkpoint in {workdir} yet: the same command starts again'
+  return (f'Run the same command to resume from checkpoint {step} '
+          f'({os.path.join(os.path.abspath(workdir), "checkpoints", str(step))})')
+
+
 def main(argv: list[str]) -> int:
   try:
     args, trainer_args = parse(argv)
@@ -97,9 +115,11 @@ def main(argv: list[str]) -> int:
                         args.coordinator_port or free_port())
   except _cli.UsageError as e:
     _cli.fail(str(e))
+  _, workdir = _cli.require_trainer_flags(trainer_args, 'local')
   cmd = [args.python, '-m', 'lm.main', *trainer_args]
   n = args.num_processes
-  return _procs.run_group([cmd] * n, envs, [f'[p{i}] ' for i in range(n)], args.grace_s)
+  return _procs.run_group([cmd] * n, envs, [f'[p{i}] ' for i in range(n)], args.grace_s,
+                          advice=lambda code: resume_advice(workdir, code))
 
 
 if __name__ == '__main__':

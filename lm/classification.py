@@ -6,12 +6,13 @@ true class ([2, N]): additive over batches and devices like the confusion matrix
 to draw the ROC and precision-recall curves and to pick a decision threshold on the host.
 """
 
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lm import metrics as metrics_lib
 
 
 def _pyplot():
@@ -173,8 +174,7 @@ def save_curves_png(metrics_jsonl_path: str, path: str) -> None:
   Plots every numeric key whose last '/'-part is 'loss' or 'accuracy' (e.g. 'loss',
   'train/loss', 'eval/accuracy'), so it follows whatever names the trainer writes.
   """
-  with open(metrics_jsonl_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = metrics_lib.read_file(metrics_jsonl_path)
   keys = sorted({k for r in records for k in r if k != 'step'})
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))

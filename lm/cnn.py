@@ -20,6 +20,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from lm.config import ConfigError
+from lm.config import get_config as base_config
 
 _BN_MOMENTUM = 0.9  # Flax's convention: running = 0.9 * running + 0.1 * batch.
 _BN_EPSILON = 1e-5
@@ -355,8 +356,8 @@ NAMES = ('simple_cnn', 'mlp', *_RESNET_DEPTHS, 'preact_resnet18', 'wrn28_10', 'r
 _HAS_WIDTH = ('resnet20', 'resnet32', 'resnet56', 'resnet110', 'preact_resnet18', 'resnet9')
 
 
-def _check(name: str, num_classes: int, width: float, dropout: float, dtype: str,
-           field: str) -> None:
+def _check(name: str, num_classes: int, width: float, hidden: Sequence[int], dropout: float,
+           dtype: str, field: str) -> None:
   if name not in NAMES:
     raise ConfigError(f'unknown image model {name!r}; set --config.{field} to one '
                       f'of {", ".join(NAMES)}')
@@ -368,6 +369,13 @@ def _check(name: str, num_classes: int, width: float, dropout: float, dtype: str
                       f'(it applies to {", ".join(_HAS_WIDTH)})')
   if width <= 0:
     raise ConfigError(f'model.width must be positive, got {width}')
+  hidden = tuple(hidden)
+  if not hidden or not all(isinstance(w, int) and w > 0 for w in hidden):
+    raise ConfigError(f'model.hidden={hidden!r} must be one or more positive widths, '
+                      'e.g. --config.model.hidden="(512, 256)"')
+  if hidden != tuple(base_config().model.hidden) and name != 'mlp':
+    raise ConfigError(f'model {name!r} has no hidden-width list; leave model.hidden '
+                      'at its default (it applies to mlp)')
   if dropout > 0 and name != 'wrn28_10':
     raise ConfigError(f'model {name!r} has no dropout; set model.dropout=0 '
                       '(only wrn28_10 uses it)')
@@ -378,16 +386,17 @@ def _check(name: str, num_classes: int, width: float, dropout: float, dtype: str
 def build(model_cfg) -> nn.Module:
   """The image model `model_cfg.name` names (see NAMES), with `num_classes` outputs."""
   m = model_cfg
-  return make(m.name, m.num_classes, width=m.width, dropout=m.dropout, dtype=m.dtype)
+  return make(m.name, m.num_classes, width=m.width, hidden=m.hidden, dropout=m.dropout,
+              dtype=m.dtype)
 
 
-def make(name: str, num_classes: int, *, width: float = 1.0, dropout: float = 0.0,
-         dtype: str = 'float32', field: str = 'model.name') -> nn.Module:
+def make(name: str, num_classes: int, *, width: float = 1.0, hidden: Sequence[int] = (128, 64),
+         dropout: float = 0.0, dtype: str = 'float32', field: str = 'model.name') -> nn.Module:
   """Model `name` of NAMES with `num_classes` outputs; 0 makes it return `Features`.
 
   `field` is the config field that named the model, for the fix in error messages.
   """
-  _check(name, num_classes, width, dropout, dtype, field)
+  _check(name, num_classes, width, hidden, dropout, dtype, field)
   k = num_classes
   dtype = jnp.dtype(dtype)
 
@@ -397,7 +406,7 @@ def make(name: str, num_classes: int, *, width: float = 1.0, dropout: float = 0.
   if name == 'simple_cnn':
     return SimpleCNN(k, dtype=dtype)
   if name == 'mlp':
-    return MLP(k, dtype=dtype)
+    return MLP(k, hidden=tuple(hidden), dtype=dtype)
   if name in _RESNET_DEPTHS:
     return CifarResNet(k, blocks=(_RESNET_DEPTHS[name] - 2) // 6,
                        widths=scaled((16, 32, 64)), dtype=dtype)

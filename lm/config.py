@@ -6,6 +6,7 @@ The returned ConfigDict is locked, so a mistyped override is an error rather tha
 
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -34,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_path = ''      # SentencePiece model file (`python -m lm.tokenizer train`).
   c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
   c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
-  c.data.val_fraction = 0.0       # classify: hold out this fraction of train for validation.
+  # Validation held out of train. classify: this fraction of the examples (0 = none). files:
+  # the last fraction of the bytes (0 = 0.1 when the glob matches one file, else heldout_files).
+  c.data.val_fraction = 0.0
   c.data.augment = True           # classify: random crop (4-pixel pad), with data.flip flips.
   c.data.flip = True              # classify: horizontal flips when data.augment.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
@@ -71,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
+  c.model.hidden = (128, 64)      # The mlp image model (name or image_model): ReLU hidden widths.
   c.model.fusion = 'concat'       # multimodal: concat|average|gated|attention|image_only|text_only.
   c.model.image_model = 'simple_cnn'  # multimodal: the image tower, a model of lm/cnn.py.
   c.model.fusion_dim = 128        # multimodal: projection, gate, cross-attention and head width.
@@ -114,6 +118,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.nesterov = False        # sgd Nesterov momentum.
   c.optim.weight_decay = 0.1      # Decoupled weight decay (not on biases, norms, embeddings).
   c.optim.clip_norm = 1.0         # Global gradient-norm clip (0 = off).
+  c.optim.freeze = ''             # Regex over parameter paths ('block_0/attn/qkv'): not trained.
+  c.optim.unfreeze_at = 0         # > 0: the frozen parameters train from this step on.
+  c.optim.lr_mults = ''           # 'regex=mult,...': those parameters' lr times mult (first wins).
+  c.optim.layer_decay = 0.0       # Transformers: lr x decay^(depth from the top) per layer; 0 off.
+
+  c.init = ml_collections.ConfigDict()  # Start from another run's weights (fine-tuning).
+  c.init.workdir = ''             # A run dir (its latest checkpoint), or 'prefix=dir,...' per part.
+  c.init.step = 0                 # That run's checkpoint at this step (0 = latest).
+  c.init.skip = ''                # Comma-separated regexes of parameters not to load.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Pure data parallelism (-1 = fill the remaining devices).
@@ -126,6 +139,46 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.lock()
   return c
+
+
+# (field, lowest allowed, whether the lowest itself is allowed): checked before anything runs,
+# so a bad value is one line at start, not a NaN at step 0 or a poisoned workdir.
+_NUMBERS = (
+    ('train.steps', 1, True), ('train.epochs', 0, True), ('train.batch_size', 1, True),
+    ('train.grad_accum_steps', 1, True), ('train.log_every', 1, True),
+    ('train.eval_every', 0, True), ('train.eval_every_epochs', 0, True),
+    ('train.eval_batches', 1, True), ('train.checkpoint_every', 1, True),
+    ('train.keep_checkpoints', 1, True), ('train.max_rollbacks', 0, True),
+    ('train.ema_decay', 0, True), ('train.focal_gamma', 0, True),
+    ('optim.lr', 0, False), ('optim.warmup_steps', 0, True), ('optim.min_lr', 0, True),
+    ('optim.decay_steps', 0, True), ('optim.step_factor', 0, True), ('optim.b1', 0, True),
+    ('optim.b2', 0, True), ('optim.eps', 0, True), ('optim.momentum', 0, True),
+    ('optim.weight_decay', 0, True), ('optim.clip_norm', 0, True),
+    ('optim.unfreeze_at', 0, True), ('init.step', 0, True),
+)
+_BELOW_ONE = ('train.ema_decay', 'optim.b1', 'optim.b2', 'optim.momentum')
+_CHOICES = (('train.on_nan', ('stop', 'rollback')), ('resume_mismatch', ('error', 'ignore')))
+
+
+def check_values(config) -> None:
+  """Refuses values no run can use (a batch of 0, a NaN or negative learning rate, ...)."""
+  for field, low, inclusive in _NUMBERS:
+    section, name = field.split('.')
+    value = config[section][name]
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+    if field in _BELOW_ONE:
+      ok = ok and value < 1
+    if not ok:
+      bound = f'>= {low}' if inclusive else f'> {low}'
+      if field in _BELOW_ONE:
+        bound += ' and < 1'
+      raise ConfigError(f'{field}={value} must be a finite number {bound}; fix --config.{field}')
+  for field, choices in _CHOICES:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    if value not in choices:
+      raise ConfigError(f'{field}={value!r} must be one of {", ".join(choices)}')
 
 
 def load(path: str) -> ml_collections.ConfigDict:
@@ -146,18 +199,27 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def cpu_device_count(config) -> int:
-  """How many XLA devices a CPU-only host is split into for this config.
+  """How many XLA devices this process's CPU is split into for this config.
 
-  A fixed mesh larger than one device gets that many (so it also runs on a laptop). A mesh
-  left to fill (-1) gets one device per core when the batch divides, unless
-  `mesh.cpu_devices` says otherwise; several processes on one host keep one device each.
+  A fixed mesh gets its size shared between the processes (so it also runs on a laptop, and
+  2 Slurm tasks with fsdp=2 make one device each, not two). A mesh left to fill (-1) gets one
+  device per core when the batch divides, unless `mesh.cpu_devices` says otherwise; with
+  several processes, each gets the product of the fixed axes (one device for a pure -1).
   """
   mesh, train = config.mesh, config.train
   sizes = [mesh.data, mesh.fsdp, mesh.tensor]
   fixed = 1
   for s in sizes:
     fixed *= max(s, 1)
-  if -1 not in sizes or num_processes() > 1:
+  processes = num_processes()
+  if -1 not in sizes:
+    if fixed % processes:
+      raise ConfigError(
+          f'mesh data*fsdp*tensor = {mesh.data}*{mesh.fsdp}*{mesh.tensor} = {fixed} devices do '
+          f'not split evenly over {processes} processes; use a mesh whose size is a multiple '
+          f'of {processes}, or -1 on one axis to fill the devices there are')
+    return fixed // processes
+  if processes > 1:
     return fixed
   if mesh.cpu_devices < 0:
     raise ConfigError(f'mesh.cpu_devices={mesh.cpu_devices} must be >= 0 (0 = one per core)')
@@ -174,9 +236,16 @@ def cpu_device_count(config) -> int:
 
 
 def num_processes() -> int:
-  """Processes this run has, from the environment of launch.local (LM_*) or of Slurm."""
-  return max(int(os.environ.get('LM_NUM_PROCESSES', '1')),
-             int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))))
+  """Processes this run has, from the environment of launch.local (LM_*) or of a Slurm step.
+
+  Only a job step (what srun starts; it sets SLURM_STEP_NODELIST, which JAX's Slurm detection
+  also needs) counts: a batch script, or a command it runs without srun, is one process even
+  in a job of several tasks, though SLURM_NTASKS says otherwise there.
+  """
+  slurm = 1
+  if 'SLURM_STEP_NODELIST' in os.environ:
+    slurm = int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1')))
+  return max(int(os.environ.get('LM_NUM_PROCESSES', '1')), slurm)
 
 
 def split_cpu_devices(config):

@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -27,17 +28,20 @@ _FILES = 'files:'
 # (or configs) are scored on the same windows and their losses compare without sampling noise.
 _EVAL_STREAM = 0x5EED_E7A1
 _SPLIT_IDS = {'train': 0, 'eval': 1, 'test': 2}
+_ONE_FILE_VAL_FRACTION = 0.1  # A files: corpus of one file (an input.txt): nanoGPT's 90/10.
 
 
 def load_text(data_cfg) -> tuple[str, str]:
   """Returns (train_text, eval_text) for `data_cfg.name`, a TFDS name or 'files:<glob>'."""
+  if data_cfg.name.startswith(_FILES):
+    return tuple(_load_files(data_cfg, ('train', 'eval')))
   return load_split(data_cfg, 'train'), load_split(data_cfg, 'eval')
 
 
 def load_split(data_cfg, which: str) -> str:
   """Returns the text of split `which`: 'train', 'eval' or 'test' (the config's splits)."""
   if data_cfg.name.startswith(_FILES):
-    return _load_files(data_cfg, which)
+    return _load_files(data_cfg, (which,))[0]
   return _load_tfds(data_cfg, f'{which}_split')
 
 
@@ -60,49 +64,125 @@ def _load_tfds(data_cfg, field: str) -> str:
 # files:<glob>.
 
 
-def _split_files(data_cfg) -> tuple[list[str], list[str]]:
-  """(train files, heldout files): sorted glob matches, the last `heldout_files` held out."""
+def _split_files(data_cfg) -> tuple[list[str], list[str], float]:
+  """(train files, held-out files, val_fraction): how a files: corpus splits.
+
+  A val_fraction > 0 makes the last fraction of the bytes of all the files the validation
+  split (nanoGPT's 90/10 cut), and no file is held out; 0 means 0.1 when the glob matches one
+  file, else the last `heldout_files` of the sorted matches are the validation split.
+  """
   pattern = os.path.expanduser(data_cfg.name[len(_FILES):])
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not paths:
     raise ConfigError(f'{data_cfg.name!r} matched no files; fix the glob (quote it so the shell '
                       "leaves it alone, '**' recurses)")
+  fraction = data_cfg.val_fraction
+  if not 0 <= fraction < 1:
+    raise ConfigError(f'data.val_fraction={fraction} must be in [0, 1); 0.1 holds out the last '
+                      '10% of the bytes')
+  if fraction == 0 and len(paths) == 1:
+    fraction = _ONE_FILE_VAL_FRACTION
+  if fraction:
+    return paths, [], fraction
+  instead = '; or --config.data.val_fraction=0.1 validates on the last 10% of the bytes instead'
   heldout = data_cfg.heldout_files
   if heldout < 1:
-    raise ConfigError(f'heldout_files={heldout}: files: needs at least one validation file; '
-                      'set --config.data.heldout_files=1 or more')
+    raise ConfigError(f'heldout_files={heldout}: files: needs validation text; set '
+                      f'--config.data.heldout_files=1 or more{instead}')
   if len(paths) < heldout + 1:
     raise ConfigError(f'{data_cfg.name!r} matched {len(paths)} file(s) but heldout_files='
                       f'{heldout} needs {heldout + 1} (at least one to train on); add files or '
-                      'lower --config.data.heldout_files')
-  return paths[:-heldout], paths[-heldout:]
+                      f'lower --config.data.heldout_files{instead}')
+  return paths[:-heldout], paths[-heldout:], 0.0
 
 
-def _read_files(paths: list[str], max_bytes: int) -> str:
-  """Reads files in order, stopping after `max_bytes` bytes (0 = no limit)."""
+def _cut(text: str, fraction: float) -> tuple[str, str]:
+  """(first part, last `fraction` of the UTF-8 bytes), cut before a character, never in one."""
+  raw = text.encode('utf-8')
+  cut = int(len(raw) * (1 - fraction))  # As nanoGPT: train = data[:int(n * 0.9)].
+  while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # A UTF-8 continuation byte.
+    cut -= 1
+  return raw[:cut].decode('utf-8'), raw[cut:].decode('utf-8')
+
+
+def _read_files(paths: list[str], max_bytes: int) -> tuple[str, dict[str, str]]:
+  """(text, {path: why it does not look like UTF-8 text}) of the files read in order.
+
+  Reading stops after `max_bytes` bytes (0 = no limit).
+  """
   # An incremental decoder drops a character cut in half at the cap instead of inventing one.
   decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-  texts = []
+  texts, problems = [], {}
   left = max_bytes or -1
   for path in paths:
     with open(path, 'rb') as f:
       raw = f.read(left)
-    texts.append(decoder.decode(raw, final=max_bytes == 0 or len(raw) < left))
+    text = decoder.decode(raw, final=max_bytes == 0 or len(raw) < left)
     decoder.reset()
+    problem = _not_text(raw, text)
+    if problem:
+      problems[path] = problem
+    texts.append(text)
     if max_bytes:
       left -= len(raw)
       if left <= 0:
         break
-  return '\n'.join(texts)
+  return '\n'.join(texts), problems
 
 
-def _load_files(data_cfg, which: str) -> str:
-  if which == 'test':
-    raise ConfigError("files: datasets have only train and heldout files; set "
+_BINARY = 'binary'
+# ASCII control bytes other than whitespace; in UTF-8 they never occur inside a character.
+_CONTROL_BYTES = bytes(c for c in range(32) if chr(c) not in '\t\n\r\f\v') + b'\x7f'
+
+
+def _not_text(raw: bytes, text: str) -> str:
+  """'' for UTF-8 text; else what is wrong, starting with 'binary' for a non-text file."""
+  nul = raw.count(b'\0')
+  # U+FFFD the decoder made, not the ones the file spells out (EF BF BD).
+  undecodable = text.count('\ufffd') - raw.count(b'\xef\xbf\xbd')
+  controls = len(raw) - len(raw.translate(None, _CONTROL_BYTES))
+  if nul or (undecodable + controls) > 0.3 * max(len(text), 1):
+    return (f'{_BINARY}: {nul} NUL bytes, {undecodable} bytes not UTF-8 and {controls} control '
+            f'characters in {len(raw)} bytes')
+  if undecodable:
+    return f'{undecodable} bytes not UTF-8, read as U+FFFD'
+  return ''
+
+
+def _load_files(data_cfg, which: tuple[str, ...]) -> list[str]:
+  """The text of each split in `which` ('train', 'eval'), each file read once."""
+  if 'test' in which:
+    raise ConfigError("files: datasets have only train and validation text; set "
                       "--config.data.test_split='' or use a TFDS dataset")
-  train, heldout = _split_files(data_cfg)
+  train, heldout, fraction = _split_files(data_cfg)
+  if fraction:
+    # max_bytes caps the whole read, before the cut.
+    parts = dict(zip(('train', 'eval'), _cut(_checked(data_cfg, train), fraction)))
+    return [parts[w] for w in which]
   # max_bytes caps each split on its own, so capping never empties the (last) heldout files.
-  return _read_files(train if which == 'train' else heldout, data_cfg.max_bytes)
+  return [_checked(data_cfg, train if w == 'train' else heldout) for w in which]
+
+
+def _checked(data_cfg, paths: list[str]) -> str:
+  """The files' text; an error for binary files under the char tokenizer, else a warning."""
+  text, problems = _read_files(paths, data_cfg.max_bytes)
+  if not problems:
+    return text
+  binary = {p: why for p, why in problems.items() if why.startswith(_BINARY)}
+  if binary and data_cfg.tokenizer == 'char':
+    raise ConfigError(f'{data_cfg.name!r} matched {len(binary)} binary file(s): '
+                      f'{_list_files(binary)}; with data.tokenizer=char every byte value would '
+                      'become a token. Narrow the glob to text files')
+  print(f'warning: {data_cfg.name!r}: {len(problems)} file(s) are not UTF-8 text, so the '
+        f'{data_cfg.tokenizer} tokenizer sees U+FFFD and control characters in their place: '
+        f'{_list_files(problems)}. Convert them to UTF-8 (iconv -t utf-8) or narrow the glob',
+        file=sys.stderr, flush=True)
+  return text
+
+
+def _list_files(problems: dict[str, str], at_most: int = 5) -> str:
+  listed = '; '.join(f'{p} ({why})' for p, why in list(problems.items())[:at_most])
+  return listed + (f' and {len(problems) - at_most} more' if len(problems) > at_most else '')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +220,7 @@ class TextData:
     self.seq_len = seq_len
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
+    self.files = {}  # files: corpora: which files each split reads, for the start-up block.
 
   @property
   def vocab_size(self) -> int:
@@ -199,8 +280,23 @@ def make_text_data(config, tokenizer=None, process_index: int = 0,
             'eval': _make_split(eval_text, tokenizer, 'eval', seq_len)}
   if data_cfg.test_split:
     splits['test'] = _make_split(load_split(data_cfg, 'test'), tokenizer, 'test', seq_len)
-  return TextData(tokenizer, splits, batch_size=config.train.batch_size, seq_len=seq_len,
+  data = TextData(tokenizer, splits, batch_size=config.train.batch_size, seq_len=seq_len,
                   seed=config.seed, process_index=process_index, process_count=process_count)
+  if data_cfg.name.startswith(_FILES):
+    train, heldout, fraction = _split_files(data_cfg)
+    if heldout:
+      data.files = {'train files': _list(train), 'held-out files': _list(heldout)}
+    else:
+      why = (f'data.val_fraction={fraction:g}' if data_cfg.val_fraction else
+             'data.val_fraction=0 means 0.1 for a single file')
+      data.files = {'files': _list(train),
+                    'validation': f'the last {fraction * 100:g}% of their bytes ({why})'}
+  return data
+
+
+def _list(paths: list[str]) -> str:
+  return ', '.join(paths) if len(paths) <= 3 else f'{len(paths)} ({paths[0]} ... {paths[-1]})'
+
 
 
 # ---------------------------------------------------------------------------------------------

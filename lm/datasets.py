@@ -12,15 +12,16 @@ import tensorflow_datasets as tfds
 
 from lm.config import ConfigError
 
-PREPARE_HINT = ('prepare it with `python -m lm.prepare <name> --data_dir=DIR` and pass '
-                '--config.data.data_dir=DIR')
+def prepare_hint(name: str = '<name>') -> str:
+  return (f'to create it, run python -m lm.prepare {name} --data_dir=<dir> (add '
+          '--source=<file> when offline) and pass --config.data.data_dir=<dir>')
 
 
 def data_dir(path: str) -> str:
   """`path` (or TFDS's default dir when empty), which must exist."""
   resolved = os.path.expanduser(path or tfds.core.constants.DATA_DIR)
   if not os.path.isdir(resolved):
-    raise ConfigError(f'data dir {resolved!r} does not exist; {PREPARE_HINT}')
+    raise ConfigError(f'data dir {resolved!r} does not exist; {prepare_hint()}')
   return resolved
 
 
@@ -30,6 +31,19 @@ def prepared(path: str) -> list[str]:
   infos = (glob.glob(os.path.join(path, '*', '*', 'dataset_info.json')) +
            glob.glob(os.path.join(path, '*', '*', '*', 'dataset_info.json')))
   return sorted({os.path.relpath(p, path).split(os.sep)[0] for p in infos})
+
+
+def tfds_info(name: str, path: str):
+  """The metadata (tfds.core.DatasetInfo, from dataset_info.json) of dataset `name` prepared in
+  data dir `path`, or None when it is not there; reads no example and raises nothing."""
+  resolved = os.path.expanduser(path or tfds.core.constants.DATA_DIR)
+  if not os.path.isdir(resolved) or name.split(':')[0].split('/')[0] not in prepared(resolved):
+    return None
+  try:
+    builder = tfds.builder(name, data_dir=resolved)
+  except Exception:  # pylint: disable=broad-except  An unknown name or version: no metadata.
+    return None
+  return builder.info if builder.is_prepared() else None
 
 
 def tfds_builder(name: str, path: str, features: dict[str, str] | None = None):
@@ -44,7 +58,7 @@ def tfds_builder(name: str, path: str, features: dict[str, str] | None = None):
   if base_name not in have:
     raise ConfigError(
         f'TFDS dataset {name!r} is not prepared in {path!r} (it has: {", ".join(have) or "nothing"}'
-        f'); point --config.data.data_dir at a dir that has it, or {PREPARE_HINT}')
+        f'); point --config.data.data_dir at a dir that has it, or {prepare_hint(base_name)}')
   try:
     builder = tfds.builder(name, data_dir=path)
   except Exception as e:  # pylint: disable=broad-except  TFDS raises many kinds here.
@@ -53,7 +67,7 @@ def tfds_builder(name: str, path: str, features: dict[str, str] | None = None):
                       '--config.data.name') from e
   if not builder.is_prepared():
     raise ConfigError(f'TFDS dataset {name!r} (version {builder.version}) is not prepared in '
-                      f'{path!r}; name a version that is, or {PREPARE_HINT}')
+                      f'{path!r}; name a version that is, or {prepare_hint(base_name)}')
   for feature, field in (features or {}).items():
     if feature not in builder.info.features:
       fix = (f'set --config.data.{field} to one of them' if field else

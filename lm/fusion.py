@@ -164,7 +164,7 @@ class FusionClassifier(nn.Module):
     image_tower = text_tower = None
     if m.fusion != 'text_only':
       # The tower's dropout is 0: model.dropout is the text tower's (only wrn28_10 has one).
-      image_tower = cnn.make(m.image_model, 0, width=m.width, dtype=m.dtype,
+      image_tower = cnn.make(m.image_model, 0, width=m.width, hidden=m.hidden, dtype=m.dtype,
                              field='model.image_model')
     if m.fusion != 'image_only':
       text_tower = text_model.Encoder(

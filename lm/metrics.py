@@ -1,4 +1,9 @@
-"""Metrics to `metrics.jsonl` and TensorBoard, a live progress line, and MFU."""
+"""Metrics to `metrics.jsonl` and TensorBoard, a live progress line, and MFU.
+
+`read`/`read_file` are the one reader of metrics.jsonl (plots, curves, sweep summaries). A
+kill or a full disk can leave its last line cut short: readers skip a line that is not a JSON
+object (with one warning naming it), and the next `Writer` cuts it off before appending.
+"""
 
 import functools
 import json
@@ -7,7 +12,6 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 
 # Dense peak FLOP/s per device for the compute dtype that matters there (bf16 on accelerators).
@@ -31,6 +35,9 @@ PEAK_FLOPS = (
 @functools.lru_cache(maxsize=None)
 def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
   """float32 matmul FLOP/s of this host through XLA: the honest peak for CPU MFU."""
+  # JAX is imported where it is needed: launchers read metrics.jsonl through this module and
+  # never need JAX (0.75 s to import).
+  import jax  # pylint: disable=g-import-not-at-top
   x = jax.device_put(np.ones((n, n), np.float32), jax.devices('cpu')[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
@@ -45,6 +52,7 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 20) -> float:
 
 
 def peak_flops_per_device(device=None) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
   device = device or jax.devices()[0]
   if device.platform == 'cpu':
     # Fake CPU devices share the host's cores: each gets its share of the measured peak.
@@ -62,7 +70,9 @@ class Writer:
     self.enabled = enabled
     self._tb = None
     if enabled:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      path = os.path.join(workdir, 'metrics.jsonl')
+      cut_torn_last_line(path)
+      self._jsonl = open(path, 'a', buffering=1)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
@@ -72,8 +82,7 @@ class Writer:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: (v if isinstance(v, str) else float(v) if np.ndim(v) == 0
-                 else np.asarray(v).tolist()) for k, v in metrics.items()}
+    clean = _plain(metrics)
     self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
     if self._tb is not None:
       for k, v in clean.items():
@@ -90,12 +99,81 @@ class Writer:
         self._tb.close()
 
 
-def read(workdir: str) -> list[dict]:
+def append_row(workdir: str, step: int, metrics: dict) -> None:
+  """Appends one row with a single write, for a process that is not the run's writer
+  (--mode=eval): the line lands whole even while the run appends its own."""
+  row = json.dumps({'step': int(step), **_plain(metrics)}) + '\n'
   path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb') as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        row = '\n' + row  # Never glue onto a torn last line.
+  with open(path, 'ab') as f:
+    f.write(row.encode())
+
+
+def _plain(metrics: dict) -> dict:
+  return {k: (v if isinstance(v, str) else float(v) if np.ndim(v) == 0
+              else np.asarray(v).tolist()) for k, v in metrics.items()}
+
+
+def cut_torn_last_line(path: str) -> None:
+  """Removes a last line that has no newline: a row cut short by a kill or a full disk.
+
+  Appending after it would glue the next row onto it, and neither would parse. Every row is
+  written with its newline in one write, so only a dead writer leaves a line without one.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(size - 1)
+    if f.read(1) == b'\n':
+      return
+    keep = size
+    while keep > 0:  # Back to the newline before the torn line (or the start of the file).
+      step = min(keep, 1 << 16)
+      f.seek(keep - step)
+      chunk = f.read(step)
+      newline = chunk.rfind(b'\n')
+      if newline >= 0:
+        keep = keep - step + newline + 1
+        break
+      keep -= step
+    f.seek(keep)
+    torn = f.read()
+    f.truncate(keep)
+  print(f'warning: {path}: removed a last line cut short by an earlier run '
+        f'({len(torn)} bytes: {torn[:80]!r})', file=sys.stderr, flush=True)
+
+
+def read_file(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl, skipping (with a warning) any line that does not parse."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  rows = []
+  with open(path, 'rb') as f:
+    for number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        row = json.loads(raw)
+      except ValueError:  # JSONDecodeError and UnicodeDecodeError both.
+        row = None
+      if not isinstance(row, dict):
+        print(f'warning: {path}:{number}: skipping a line that is not a JSON object (cut '
+              f'short by a kill or a full disk?): {raw[:80]!r}', file=sys.stderr, flush=True)
+        continue
+      rows.append(row)
+  return rows
+
+
+def read(workdir: str) -> list[dict]:
+  """The rows of `<workdir>/metrics.jsonl` (see `read_file`); [] if there is none."""
+  return read_file(os.path.join(workdir, 'metrics.jsonl'))
 
 
 class Progress:
@@ -108,9 +186,10 @@ class Progress:
   def update(self, step: int, loss: float, per_s: float, step_s: float, final: bool = False):
     if not self.enabled:
       return
-    eta = (self.total - step) * step_s
-    line = (f'step {step}/{self.total}  loss {loss:.4f}  {per_s:,.0f} {self.unit}/s  '
-            f'{step_s * 1e3:.1f} ms/step  ETA {_hms(eta)}')
+    line = f'step {step}/{self.total}  loss {loss:.4f}'
+    if math.isfinite(step_s):
+      eta = (self.total - step) * step_s
+      line += (f'  {per_s:,.0f} {self.unit}/s  {step_s * 1e3:.1f} ms/step  ETA {_hms(eta)}')
     if self.tty and not final:
       print('\r' + line, end='', flush=True)
     else:

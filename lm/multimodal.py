@@ -207,7 +207,7 @@ class MultimodalData:
   def __init__(self, splits: dict[str, Split], class_names, tokenizer, stats: dict, *,
                batch_size: int, seed: int, augment: bool, flip: bool, cls: bool,
                max_len: int, process_index: int = 0, process_count: int = 1,
-               eval_batch_size: int = 0, loader=None):
+               eval_batch_size: int = 0, loader=None, data_cfg=None):
     self.splits = splits
     self.class_names = tuple(class_names)
     self.num_classes = len(self.class_names)
@@ -225,6 +225,7 @@ class MultimodalData:
                              process_index=process_index, process_count=process_count)
     self.class_counts = np.asarray(stats['class_counts'])  # [K], for class weights.
     self._loader = loader  # split name -> Split, for splits first asked for in eval_batches.
+    self._data_cfg = data_cfg  # Where the loader looks, for has_split.
     list(self.rows.eval(0, self.eval_batch_size))  # Its batch check, now rather than mid-run.
 
   @property
@@ -256,7 +257,7 @@ class MultimodalData:
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of step `step`'s global batch, augmented and normalised."""
     if 'train' not in self.splits:
-      raise ConfigError(f'training needs the train split, which data.data_dir has no manifest '
+      raise ConfigError('training needs the train split, which data.data_dir has no manifest '
                         'of; point --config.data.data_dir at the training data')
     local = self.rows.local
     rows_B = local(self.rows.train(step))
@@ -271,9 +272,20 @@ class MultimodalData:
     return self._batch(self.splits['train'], rows_B, np.ones(len(rows_B), bool),
                        self._normalise(images))
 
+  def has_split(self, name: str) -> bool:
+    if name in self.splits:
+      return True
+    return (not self._part_of_train(name) and self._data_cfg is not None and
+            os.path.isfile(manifest_path(self._data_cfg, name)))
+
+  def _part_of_train(self, name: str) -> bool:
+    """Train and a validation split held out of it: loaded with train or not at all."""
+    return name == 'train' or (name == 'validation' and self._data_cfg is not None and
+                               self._data_cfg.val_fraction > 0)
+
   def split(self, name: str) -> Split:
     if name not in self.splits:
-      if name in ('train', 'validation'):
+      if self._part_of_train(name):
         raise ConfigError(f'split {name!r} is part of the train split, which data.data_dir '
                           'has no manifest of; evaluate a split the dir has')
       self.splits[name] = self._loader(name)
@@ -291,13 +303,15 @@ class MultimodalData:
 
 
 def make(config, tokenizer=None, labels=None, stats=None, process_index: int = 0,
-         process_count: int = 1, *, cls: bool = False) -> MultimodalData:
+         process_count: int = 1, *, cls: bool = False, training: bool = True) -> MultimodalData:
   """Reads, decodes, tokenizes and batches the dataset `config.data` names.
 
   `tokenizer`, `labels` (class names) and `stats` reloaded from the workdir win over those the
   train split would give, so ids, classes and normalisation mean the same after a restart.
-  The train, eval and test splits are read now, so a bad file fails before training starts;
-  when `data_dir` has no train manifest and all three are given, only the eval splits are.
+  Training reads the train, eval and test splits now, so a bad file fails before training
+  starts. Built to evaluate (`training=False`) with all three saved, it reads the eval split
+  (train too only when that is the held-out validation split); a test split, when the dir has
+  its manifest, on first `eval_batches`.
   """
   d = config.data
   max_len = d.max_len or config.model.seq_len
@@ -314,9 +328,10 @@ def make(config, tokenizer=None, labels=None, stats=None, process_index: int = 0
   batches.check_batch(config.train.batch_size, process_count)
   saved = None not in (tokenizer, labels, stats)
   labels_saved = labels is not None
-  has_train = os.path.isfile(manifest_path(d, d.train_split))
+  held_out = d.val_fraction > 0 and d.eval_split == 'validation'
+  read_train = training or not saved or held_out
   splits = {}
-  if has_train or not saved:
+  if read_train:
     train = read_manifest(d, d.train_split)
     if labels is None:
       labels = labelled_text.label_vocab(train.examples)
@@ -338,7 +353,7 @@ def make(config, tokenizer=None, labels=None, stats=None, process_index: int = 0
                                     saved_labels=labels_saved)
     return Split(load_images(manifest, d.image_size, d.alpha), text)
 
-  if has_train or not saved:
+  if read_train:
     splits['train'] = load(train)
     if stats is None:
       mean_C, std_C = images_lib.channel_stats(splits['train'].images_NxSxSxC)
@@ -350,14 +365,14 @@ def make(config, tokenizer=None, labels=None, stats=None, process_index: int = 0
     if val is not None:
       splits['validation'] = load(val)
   loader = lambda split: _checked_shape(load(read_manifest(d, split)), stats, split)
-  for split in (d.eval_split, d.test_split):
+  for split in (d.eval_split, d.test_split if training else ''):
     if split and split not in splits and not (split == 'validation' and d.val_fraction > 0):
       splits[split] = loader(split)
   return MultimodalData(splits, labels, tokenizer, stats, batch_size=config.train.batch_size,
                         seed=config.seed, augment=d.augment, flip=d.flip, cls=cls,
                         max_len=max_len, process_index=process_index,
                         process_count=process_count, eval_batch_size=d.eval_batch_size,
-                        loader=loader)
+                        loader=loader, data_cfg=d)
 
 
 def _checked_shape(split: Split, stats: dict, name: str) -> Split:

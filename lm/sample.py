@@ -7,6 +7,7 @@ Shape key: B: batch (1 here), P: prompt length, N: new tokens, S: cache length, 
 """
 
 import functools
+import math
 import sys
 
 from absl import app
@@ -16,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import cli
 from lm import model as model_lib
 from lm.config import ConfigError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints.')
+_WORKDIR = cli.WORKDIR
 _PROMPT = flags.DEFINE_string('prompt', '\n', 'Text to continue.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
@@ -74,8 +76,8 @@ def generate(model: model_lib.Transformer, params, prompt_tokens: np.ndarray,
     raise ConfigError('the prompt is empty; give at least one token')
   if max_new_tokens <= 0:
     raise ConfigError(f'max_new_tokens={max_new_tokens} must be positive')
-  if temperature < 0:
-    raise ConfigError(f'temperature={temperature} must be >= 0')
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ConfigError(f'temperature={temperature} must be a finite number >= 0 (0 is greedy)')
   if not 0 <= top_k <= cfg.vocab_size:
     raise ConfigError(f'top_k={top_k} must be in [0, vocab_size={cfg.vocab_size}]')
   tokens, new = list(prompt_P[-(cfg.seq_len - 1):]), []
@@ -100,12 +102,19 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # Keep orbax's restore chatter off the output.
   # Imported here so sampling code stays usable without the training stack.
   from lm import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from lm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   try:
     if not _WORKDIR.value:
       raise ConfigError('--workdir is required: the directory a training run wrote')
     config, params = checkpoint.restore_for_inference(_WORKDIR.value)
     tokenizer = data.load_tokenizer(_WORKDIR.value)
     cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size)
+    unknown = tokenizer_lib.unknown_chars(tokenizer, _PROMPT.value)
+    if unknown:
+      # The char tokenizer would drop them silently, and the model would continue another text.
+      raise ConfigError(f'the prompt has characters the model has no token for: '
+                        f'{", ".join(repr(c) for c in unknown)}; leave them out (the '
+                        f'training text of {_WORKDIR.value} never had them)')
     prompt = tokenizer.encode(_PROMPT.value)
     new = generate(model_lib.Transformer(cfg), params, prompt, _MAX_NEW_TOKENS.value,
                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
@@ -116,5 +125,14 @@ def main(argv):
   print(_PROMPT.value + tokenizer.decode(new))
 
 
+def _parse_flags(argv):
+  """absl's parsing, but a bad flag is one `error:` line and exit code 2, as in lm.main."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -34,13 +34,18 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 
-def build(config, workdir: str) -> 'Task':
-  """The task `config.task` names."""
+def build(config, workdir: str, *, training: bool = True, shapes_only: bool = False) -> 'Task':
+  """The task `config.task` names. `training=False` builds it to evaluate a trained run;
+  `shapes_only` (--dry_run) lets a task that can plan from the config and dataset metadata
+  (lm/shapes.py) skip loading its data."""
   kinds = {'lm': LanguageModel, 'classify': ImageClassification,
            'classify_text': TextClassification, 'classify_multimodal': MultimodalClassification}
   if config.task not in kinds:
     raise ConfigError(f'task={config.task!r} is unknown; use one of {", ".join(kinds)}')
-  return kinds[config.task](config, workdir)
+  kind = kinds[config.task]
+  if shapes_only and kind.plans_without_data:
+    return kind(config, workdir, training=training, shapes_only=True)
+  return kind(config, workdir, training=training)
 
 
 def apply(model: nn.Module, params, model_state, args, *, train: bool, rng=None, **kwargs):
@@ -58,9 +63,11 @@ class Task:
   """Shared bookkeeping; subclasses set data, model, unit and items_per_step."""
 
   unit = 'examples'
+  write_reports = True  # False for a reader of a workdir it may not write (--mode=eval).
+  plans_without_data = False  # True: takes shapes_only=True, with lm/shapes.py's data.
 
-  def __init__(self, config, workdir: str):
-    self.config, self.workdir = config, workdir
+  def __init__(self, config, workdir: str, training: bool = True):
+    self.config, self.workdir, self.training = config, workdir, training
     self.is_main = jax.process_index() == 0
     train = config.train
     self._penalty_mask = None
@@ -84,13 +91,25 @@ class Task:
   def eval_batches(self, split: str):
     return self.data.eval_batches(split)
 
+  def describe(self) -> list[str]:
+    """Lines for the start-up block: what data, how much of it."""
+    return []
+
+  def has_split(self, split: str) -> bool:
+    """Whether the data has `split` (--mode=eval skips a test split another dir lacks)."""
+    del split
+    return True
+
   def example_batch(self) -> dict:
     """One example's worth of a training batch, for shapes."""
     return jax.tree.map(lambda x: x[:1], self.data.train_batch(0))
 
-  def steps(self) -> int:
+  def steps(self) -> int | None:
+    """train.steps, or train.epochs of the data; None when the data's size is unknown (a plan)."""
     train = self.config.train
     if train.epochs > 0:
+      if self.data.steps_per_epoch is None:
+        return None
       return max(1, int(round(train.epochs * self.data.steps_per_epoch)))
     return train.steps
 
@@ -130,14 +149,16 @@ class LanguageModel(Task):
   """Next-token prediction on a text corpus; reports bits per byte."""
 
   unit = 'tokens'
+  plans_without_data = True
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import data, model  # pylint: disable=g-import-not-at-top
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import data, model, shapes  # pylint: disable=g-import-not-at-top
     # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
     tokenizer = (data.load_tokenizer(workdir)
                  if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
-    self.data = data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count())
+    self.data = (shapes.text(config, jax.process_count()) if shapes_only else
+                 data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count()))
     self.model_config = model.TransformerConfig.from_config(config.model, self.data.vocab_size)
     self.model = model.Transformer(self.model_config)
     self.items_per_step = self.data.tokens_per_batch
@@ -164,6 +185,13 @@ class LanguageModel(Task):
     total, count = losses.cross_entropy(logits_BxLxV, batch['targets'])
     correct = (logits_BxLxV.argmax(-1) == batch['targets']).sum()
     return {'loss': total, 'correct': correct, 'count': count}
+
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    lines = [f'{d.name} ({d.data_dir or "default data dir"}), {d.tokenizer} tokenizer, vocab '
+             f'{data.vocab_size:,}']
+    lines += [f'{name}: {len(split.tokens):,} tokens' for name, split in data.splits.items()]
+    return lines + [f'{name}: {paths}' for name, paths in data.files.items()]
 
   def _text_split(self, split: str) -> str:
     test = self.config.data.test_split
@@ -229,8 +257,8 @@ class Classification(Task):
   """Softmax classifiers: weighted cross-entropy or focal loss; accuracy, per-class F1,
   confusion matrix and, for two classes, ROC AUC, a PR curve and a tuned threshold."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, training: bool = True):
+    super().__init__(config, workdir, training)
     t = config.train
     if t.loss not in ('cross_entropy', 'focal'):
       raise ConfigError(f'train.loss={t.loss!r} is unknown; use cross_entropy or focal')
@@ -322,7 +350,7 @@ class Classification(Task):
       if choosing:
         best, best_f1 = classification.best_threshold(hist)
         out[f'{prefix}/best_threshold'], out[f'{prefix}/best_f1'] = best, best_f1
-        if self.is_main:
+        if self.is_main and self.write_reports:
           workdir_lib.write_json(self._threshold_path(), {'threshold': best, 'f1': best_f1,
                                                'positive_label': self.class_names[self.positive]})
     report, table = classification.per_class_report(confusion, self.class_names)
@@ -330,7 +358,7 @@ class Classification(Task):
     out.update({f'{prefix}/{k}': v for k, v in report.items() if k.startswith('macro')})
     if self.positive is not None:
       out[f'{prefix}/f1'] = report['per_class'][self.class_names[self.positive]]['f1']
-    if self.is_main:
+    if self.is_main and self.write_reports:
       self._write_report(prefix, confusion, report, table, sums.get('scores'),
                          out.get(f'{prefix}/threshold'))
     return out
@@ -344,31 +372,34 @@ class Classification(Task):
       return float(json.load(f)['threshold'])
 
   def _write_report(self, prefix, confusion, report, table, scores, threshold):
+    # Whole files only: an --mode=eval of a live run may write the same names.
     w = self.workdir
-    classification.save_confusion_png(confusion, self.class_names,
-                                       os.path.join(w, f'confusion_{prefix}.png'))
+    with workdir_lib.atomic_path(os.path.join(w, f'confusion_{prefix}.png')) as path:
+      classification.save_confusion_png(confusion, self.class_names, path)
     workdir_lib.write_json(os.path.join(w, f'classes_{prefix}.json'),
-                {'confusion': np.asarray(confusion).tolist(), **report})
-    with open(os.path.join(w, f'classes_{prefix}.md'), 'w') as f:
-      f.write(table + '\n')
+                           {'confusion': np.asarray(confusion).tolist(), **report})
+    workdir_lib.write_atomic(os.path.join(w, f'classes_{prefix}.md'), table + '\n')
     if scores is not None:
-      classification.save_pr_png(scores, os.path.join(w, f'pr_{prefix}.png'), threshold)
+      with workdir_lib.atomic_path(os.path.join(w, f'pr_{prefix}.png')) as path:
+        classification.save_pr_png(scores, path, threshold)
 
   def finish(self, workdir: str) -> None:
     if self.is_main:
-      classification.save_curves_png(os.path.join(workdir, 'metrics.jsonl'),
-                                     os.path.join(workdir, 'curves.png'))
+      with workdir_lib.atomic_path(os.path.join(workdir, 'curves.png')) as path:
+        classification.save_curves_png(os.path.join(workdir, 'metrics.jsonl'), path)
 
 
 class ImageClassification(Classification):
   """Image classifiers of lm/cnn.py on TFDS image datasets or `<split>.npz` files."""
 
   unit = 'images'
+  plans_without_data = True
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import cnn, images  # pylint: disable=g-import-not-at-top
-    self.data = images.make_image_data(config, jax.process_index(), jax.process_count())
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import cnn, images, shapes  # pylint: disable=g-import-not-at-top
+    self.data = (shapes.images(config, jax.process_count()) if shapes_only else
+                 images.make_image_data(config, jax.process_index(), jax.process_count()))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = cnn.build(config.model)
     self.items_per_step = config.train.batch_size
@@ -380,23 +411,47 @@ class ImageClassification(Classification):
   def logits(self, params, model_state, batch, *, train: bool, rng=None):
     return apply(self.model, params, model_state, (batch['image'],), train=train, rng=rng)
 
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    source = d.name or 'npz split files'
+    return [f'{source} ({d.data_dir or "default data dir"}), {data.num_classes} classes, '
+            f'images {"x".join(map(str, data.splits["train"].images_NxHxWxC.shape[1:]))}'] + [
+                f'{name}: {len(split.labels_N):,} examples' for name, split in data.splits.items()]
+
 
 class TextClassification(Classification):
   """A Transformer encoder (lm/model.py's Classifier) on labelled text (lm/labelled_text.py).
 
-  The tokenizer and the label names are saved in the workdir and reused on resume, by
-  `--mode=eval` and by `lm.predict`, so ids and class indices mean the same thing everywhere.
+  The tokenizer, the label names and the train split's class counts are saved in the workdir
+  and reused on resume, by `--mode=eval` and by `lm.predict`, so ids and class indices mean
+  the same thing everywhere. Built to evaluate (`training=False`), it reads only the splits it
+  evaluates, so `--mode=eval` runs on a dir that holds nothing but the eval split's file.
   """
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import data, labelled_text, model  # pylint: disable=g-import-not-at-top
-    tokenizer = (data.load_tokenizer(workdir)
-                 if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
+  plans_without_data = True
+
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import data, labelled_text, model, shapes  # pylint: disable=g-import-not-at-top
+    if os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+      tokenizer = data.load_tokenizer(workdir)
+    elif config.init.workdir and not shapes_only:
+      from lm import transfer  # pylint: disable=g-import-not-at-top
+      tokenizer = transfer.source_tokenizer(config)  # Ids mean what they meant in pretraining.
+    else:
+      tokenizer = None
     labels = (labelled_text.load_labels(workdir)
               if os.path.exists(labelled_text.labels_path(workdir)) else None)
-    self.data = labelled_text.make(config, tokenizer, labels, jax.process_index(),
-                                   jax.process_count(), cls=config.model.pool == 'cls')
+    # Runs from before train_counts.json was written evaluate by reading the train split.
+    counts = (None if training or labels is None else
+              labelled_text.load_train_counts(workdir, labels))
+    if counts is not None and tokenizer is None:
+      raise ConfigError(f'no tokenizer.json in {workdir!r} beside its labels.json; the run is '
+                        'incomplete: retrain it')
+    self.data = (shapes.labelled_text(config, jax.process_count()) if shapes_only else
+                 labelled_text.make(config, tokenizer, labels, jax.process_index(),
+                                    jax.process_count(), cls=config.model.pool == 'cls',
+                                    train_counts=counts))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = model.Classifier.from_config(config.model, self.data.vocab_size)
     if self.data.max_len > self.model.config.seq_len:
@@ -412,6 +467,20 @@ class TextClassification(Classification):
     return apply(self.model, params, model_state, (batch['tokens'], batch['token_mask']),
                  train=train, rng=rng)
 
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    counts = ', '.join(f'{n} {c:,}' for n, c in zip(data.class_names, data.class_counts))
+    return [f'{d.name or "split files"} ({d.data_dir or "default data dir"}), {d.tokenizer} '
+            f'tokenizer, vocab {data.vocab_size:,}, {data.max_len} tokens per text',
+            f'classes (train): {counts}'] + [
+                f'{name}: {len(split.labels_N):,} examples' for name, split in data.splits.items()]
+
+  def example_batch(self) -> dict:
+    return self.data.example_batch()
+
+  def has_split(self, split: str) -> bool:
+    return self.data.has_split(split)
+
   def flops_per_step(self, variables, batch) -> float:
     """6N per token plus attention, over the padded length (what the step computes)."""
     del variables, batch
@@ -425,34 +494,43 @@ class TextClassification(Classification):
       data.save_tokenizer(workdir, self.data.tokenizer)
     if not os.path.exists(labelled_text.labels_path(workdir)):
       labelled_text.save_labels(workdir, self.data.class_names)
+    if not os.path.exists(labelled_text.train_counts_path(workdir)):
+      labelled_text.save_train_counts(workdir, self.data.class_names, self.data.class_counts)
 
 
 class MultimodalClassification(Classification):
   """Image + text classifiers (lm/fusion.py) on manifests of image files and texts
   (lm/multimodal.py).
 
-  The tokenizer, the label names and the train images' channel statistics are saved in the
-  workdir and reused on resume and by `--mode=eval`, which then needs no train split.
+  The tokenizer, the label names and the train images' channel statistics (with the train
+  split's class counts) are saved in the workdir and reused on resume and by `--mode=eval`.
+  Built to evaluate (`training=False`), it reads only the splits it evaluates, so `--mode=eval`
+  runs on a dir that holds nothing but the evaluated manifest and its images.
   """
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import data, fusion, labelled_text, multimodal  # pylint: disable=g-import-not-at-top
+  plans_without_data = True
+
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import data, fusion, labelled_text, multimodal, shapes  # pylint: disable=g-import-not-at-top
     saved = lambda path, load: load(workdir) if os.path.exists(path) else None
-    self.data = multimodal.make(
-        config, saved(os.path.join(workdir, 'tokenizer.json'), data.load_tokenizer),
-        saved(labelled_text.labels_path(workdir), labelled_text.load_labels),
-        saved(multimodal.stats_path(workdir), multimodal.load_stats),
-        jax.process_index(), jax.process_count(), cls=config.model.pool == 'cls')
+    tokenizer = saved(os.path.join(workdir, 'tokenizer.json'), data.load_tokenizer)
+    if tokenizer is None and config.init.workdir and not shapes_only:
+      from lm import transfer  # pylint: disable=g-import-not-at-top
+      tokenizer = transfer.source_tokenizer(config)  # A pretrained text tower's ids.
+    self.data = (shapes.multimodal(config, jax.process_count()) if shapes_only else
+                 multimodal.make(
+                     config, tokenizer,
+                     saved(labelled_text.labels_path(workdir), labelled_text.load_labels),
+                     saved(multimodal.stats_path(workdir), multimodal.load_stats),
+                     jax.process_index(), jax.process_count(), cls=config.model.pool == 'cls',
+                     training=training))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = fusion.FusionClassifier.from_config(config.model, self.data.vocab_size)
     if self.data.max_len > config.model.seq_len:
       raise ConfigError(f'data.max_len={self.data.max_len} exceeds model.seq_len='
                         f'{config.model.seq_len}; raise model.seq_len or lower data.max_len')
     self.items_per_step = config.train.batch_size
-
-  def example_batch(self) -> dict:
-    return self.data.example_batch()
 
   def init(self, rng, batch):
     return self.model.init({'params': rng, 'dropout': rng}, batch['image'], batch['tokens'],
@@ -461,6 +539,21 @@ class MultimodalClassification(Classification):
   def logits(self, params, model_state, batch, *, train: bool, rng=None):
     return apply(self.model, params, model_state,
                  (batch['image'], batch['tokens'], batch['token_mask']), train=train, rng=rng)
+
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    counts = ', '.join(f'{n} {c:,}' for n, c in zip(data.class_names, data.class_counts))
+    return [f'manifests in {d.data_dir}, images {"x".join(map(str, data.image_shape))} '
+            f'(alpha: {d.alpha}), {d.tokenizer} tokenizer, vocab {data.vocab_size:,}, '
+            f'{data.max_len} tokens per text', f'classes (train): {counts}'] + [
+                f'{name}: {len(split.text.labels_N):,} examples'
+                for name, split in data.splits.items()]
+
+  def example_batch(self) -> dict:
+    return self.data.example_batch()
+
+  def has_split(self, split: str) -> bool:
+    return self.data.has_split(split)
 
   def write_files(self, workdir: str) -> None:
     from lm import data, labelled_text, multimodal  # pylint: disable=g-import-not-at-top

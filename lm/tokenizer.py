@@ -33,6 +33,23 @@ def _in_vocab(ids, vocab_size: int) -> np.ndarray:
   return ids[(ids >= 0) & (ids < vocab_size)]
 
 
+def unknown_chars(tokenizer, text: str) -> str:
+  """The distinct characters of `text` the tokenizer has no token for, sorted ('' if none).
+
+  The char tokenizer drops them, SentencePiece without byte fallback turns them into <unk>;
+  bytes represent everything. A prompt with any of them is not what the model is shown.
+  """
+  if isinstance(tokenizer, CharTokenizer):
+    missing = set(text) - set(tokenizer.chars)
+  elif isinstance(tokenizer, SentencePieceTokenizer):
+    sp = tokenizer._sp  # pylint: disable=protected-access
+    unk = sp.unk_id()
+    missing = {c for c in set(text) if unk >= 0 and unk in sp.encode(c)}
+  else:
+    missing = set()
+  return ''.join(sorted(missing))
+
+
 class CharTokenizer:
   """One token per character of the training text, as nanoGPT does for Shakespeare.
 
@@ -264,6 +281,9 @@ def main(argv=None) -> str:
   train.add_argument('--split', default='train', help='TFDS split to train on')
   train.add_argument('--heldout_files', type=int, default=1,
                      help='files: the last N files are validation and not trained on')
+  train.add_argument('--val_fraction', type=float, default=0.0,
+                     help='files: the last fraction of the bytes is validation and not trained '
+                     'on (0: 0.1 for a single file, else --heldout_files)')
   train.add_argument('--max_bytes', type=int, default=0, help='files: read at most this much')
   train.add_argument('--vocab_size', type=int, required=True)
   train.add_argument('--model_type', default='unigram', choices=['unigram', 'bpe'])
@@ -280,6 +300,7 @@ def main(argv=None) -> str:
   data_cfg.text_key = args.text_key
   data_cfg.train_split = args.split
   data_cfg.heldout_files = args.heldout_files
+  data_cfg.val_fraction = args.val_fraction
   data_cfg.max_bytes = args.max_bytes
   text = data.load_split(data_cfg, 'train')
   proto = train_sentencepiece(text, args.vocab_size, args.model_type, args.byte_fallback)

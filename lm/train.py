@@ -9,6 +9,7 @@ import ctypes
 import errno
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -25,15 +26,16 @@ from lm import optim
 from lm import sharding
 from lm import steps as steps_lib
 from lm import tasks
+from lm import transfer
 from lm import workdir as workdir_lib
-from lm.config import ConfigError, to_json
+from lm.config import ConfigError, check_values, to_json
 
 # Fields that may change between a run and its resumption without `resume_mismatch=ignore`.
 _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                       'train.eval_every_epochs', 'train.eval_batches',
                       'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
-                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
-                      'resume_mismatch')
+                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir',
+                      'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch')
 
 
 class Diverged(RuntimeError):
@@ -53,21 +55,35 @@ def _diff(old: dict, new: dict, prefix: str = '') -> list[str]:
 
 
 class Trainer:
+  """Builds a task's run (mesh, data, model, optimizer, sharded state); `run()` trains.
 
-  def __init__(self, config, workdir: str, devices=None):
-    self.config, self.workdir = config, workdir
+  `read_only` (--mode=eval, benchmarks) never writes into the workdir, and opens its
+  checkpoints without the clean-up a trainer does, so it may read a run that is training.
+  `shapes_only` (--dry_run) builds everything a plan compiles without loading the data; then
+  `steps` is None when it depends on a dataset size the plan does not know.
+  """
+
+  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False,
+               shapes_only: bool = False, training: bool = True):
+    self.config, self.workdir, self.read_only = config, workdir, read_only
     self.is_main = jax.process_index() == 0
+    check_values(config)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     batches.check_batch(config.train.batch_size, jax.process_count(),
                         sharding.data_shards(self.mesh), config.train.grad_accum_steps)
-    self._check_config_drift()
-    self.task = tasks.build(config, workdir)
+    # The source run's model hyperparameters first: they are part of the config resumed.
+    self.init_notes = transfer.adopt(config) if config.init.workdir else []
+    if not read_only:
+      self._check_config_drift()
+    self.task = tasks.build(config, workdir, training=training, shapes_only=shapes_only)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
-    if config.train.eval_every_epochs > 0:
+    if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
-    self.tx, schedule = optim.make(config.optim, self.steps)
+    # An unknown length (a plan) changes the schedule's values, not what the step compiles to.
+    self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps,
+                                   config.model.num_layers)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
     self._build_state_shardings()
@@ -78,26 +94,36 @@ class Trainer:
   def ckpt(self):
     # Created on first use: validating a config must not write into the workdir.
     if self._ckpt is None:
-      self._ckpt = checkpoint.manager(self.workdir, self.config.train.keep_checkpoints)
+      self._ckpt = checkpoint.manager(self.workdir, self.config.train.keep_checkpoints,
+                                      read_only=self.read_only)
     return self._ckpt
 
   def has_checkpoint(self) -> bool:
-    return (os.path.isdir(os.path.join(self.workdir, 'checkpoints'))
-            and self.ckpt.latest_step() is not None)
+    return checkpoint.latest_step(self.workdir) is not None
 
-  def _write_workdir(self):
+  def _write_workdir(self, fresh: bool):
+    """config.json and the task's files, once the state exists: a start that fails before
+    (bad data, a checkpoint that does not restore) leaves the workdir as it was."""
     if not self.is_main:
       return
     os.makedirs(self.workdir, exist_ok=True)
     self.task.write_files(self.workdir)
+    if fresh and os.path.exists(self._skipped_path()):
+      os.remove(self._skipped_path())  # A previous run's rollbacks are not this run's.
     workdir_lib.write_atomic(os.path.join(self.workdir, 'config.json'), to_json(self.config))
 
   # --- set-up -------------------------------------------------------------------------------
 
   def _check_config_drift(self):
+    """Resuming needs the config the checkpoints were trained with; a workdir without a
+    checkpoint is fresh, whatever config.json a failed start left there."""
     path = os.path.join(self.workdir, 'config.json')
-    if not os.path.exists(path) or self.config.resume_mismatch == 'ignore':
+    if self.config.resume_mismatch == 'ignore' or checkpoint.latest_step(self.workdir) is None:
       return
+    if not os.path.exists(path):
+      raise ConfigError(f'{self.workdir} has checkpoints but no config.json to check this '
+                        'config against; restore config.json, use a new --workdir, or pass '
+                        '--config.resume_mismatch=ignore if this config is the one it ran with')
     with open(path) as f:
       old = json.load(f)
     changed = _diff(old, json.loads(to_json(self.config)))
@@ -128,13 +154,15 @@ class Trainer:
     rep = sharding.replicated(self.mesh)
     self.state_shardings = steps_lib.TrainState(
         step=rep, params=param_sh,
-        opt_state=sharding.opt_state_shardings(self.tx, abstract.opt_state, param_sh, self.mesh),
+        opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params, param_sh,
+                                               self.mesh),
         model_state=jax.tree.map(lambda _: rep, abstract.model_state),
         ema_params=param_sh if abstract.ema_params is not None else None)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_shardings)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+    optim.check_patterns(self.config.optim, abstract.params)
 
   def _jit_steps(self):
     c, rep = self.config, sharding.replicated(self.mesh)
@@ -152,17 +180,44 @@ class Trainer:
   def initial_state(self):
     """The latest checkpoint, resharded onto this mesh, or a fresh state created sharded."""
     step = self.ckpt.latest_step()
-    if step is not None:
+    if step is None:
+      return self._fresh_state()
+    self._check_shapes(step)
+    state = checkpoint.restore(self.ckpt, step, self.abstract_state)
+    if not self.read_only:
       print(f'resuming from {self.ckpt.directory}/{step}', flush=True)
-      return checkpoint.restore(self.ckpt, step, self.abstract_state)
-    return self._fresh_state()
+    return state
+
+  def _check_shapes(self, step: int):
+    try:
+      saved = self.ckpt.item_metadata(step)
+    except Exception:  # pylint: disable=broad-except  Unreadable: the restore will say so.
+      return
+    try:
+      saved = saved['params']
+    except (KeyError, TypeError):
+      return  # Not a train state's metadata: the restore itself reports a mismatch.
+    ours = dict(_paths(self.abstract_state.params))
+    theirs = dict(_paths(saved))
+    for path in sorted(set(ours) | set(theirs)):
+      a = tuple(theirs[path].shape) if path in theirs else None
+      b = tuple(ours[path].shape) if path in ours else None
+      if a != b:
+        raise ConfigError(
+            f"checkpoint {self.ckpt.directory}/{step}'s shapes differ from the config "
+            f'(params/{path}: {a} in the checkpoint vs {b} here); resume with the config it '
+            f'was trained with ({os.path.join(self.workdir, "config.json")}) or use a new '
+            '--workdir')
 
   def _fresh_state(self):
     # Runs once, so compile it fast: XLA's backend optimisations would take longer (2.4 s
     # against 1.1 s for the small LM on CPU) than they could ever save.
     init = jax.jit(self._init, out_shardings=self.state_shardings,
                    compiler_options={'xla_backend_optimization_level': 0})
-    return init(jax.random.key(self.config.seed))
+    state = init(jax.random.key(self.config.seed))
+    if self.config.init.workdir:
+      state = transfer.load(state, self.abstract_state, self.config.init, self.is_main)
+    return state
 
   def abstract_batch(self) -> dict:
     """Shapes and dtypes of one global training batch, to compile the step without data."""
@@ -214,28 +269,73 @@ class Trainer:
   # --- the loop -----------------------------------------------------------------------------
 
   def evaluate_latest(self) -> dict:
-    """--mode=eval: the latest checkpoint on the eval (and test) split, appended to metrics."""
-    if not self.has_checkpoint():
-      raise ConfigError(f'no checkpoint in {self.workdir!r}: train there first, then --mode=eval')
-    state = self.initial_state()
-    step = int(jax.device_get(state.step))
-    out = self.evaluate(state, self.config.data.eval_split)
-    if self.config.data.test_split:
-      out.update(self.evaluate(state, self.config.data.test_split, prefix='test'))
-    writer = metrics_lib.Writer(self.workdir, self.is_main)
-    writer.write(step, {**out, 'eval/data_dir': self.config.data.data_dir})
-    writer.close()
+    """--mode=eval: the latest complete checkpoint on the eval (and test) split.
+
+    The result is appended to metrics.jsonl (one line, appended whole, so a run training in
+    the workdir is not disturbed) when the workdir is writable; it is always returned.
+    """
+    # Read-only: a run training in the workdir keeps its in-flight save and its checkpoints.
+    step, state = checkpoint.restore_latest(self.workdir, self.abstract_state,
+                                            then='run --mode=eval again to evaluate')
+    writable = os.access(self.workdir, os.W_OK)
+    self.task.write_reports = writable
+    d = self.config.data
+    out = self.evaluate(state, d.eval_split)
+    if d.test_split:
+      if self.task.has_split(d.test_split):
+        out.update(self.evaluate(state, d.test_split, prefix='test'))
+      elif self.is_main:
+        print(f'no {d.test_split!r} split in {d.data_dir!r}: evaluated {d.eval_split!r} only',
+              flush=True)
+    if writable:
+      metrics_lib.append_row(self.workdir, step, {**out, 'eval/data_dir': self.config.data.data_dir})
+    elif self.is_main:
+      print(f'note: {self.workdir} is not writable; the result is printed, not appended to '
+            'metrics.jsonl', flush=True)
     return {'step': step, **out}
 
-  def run(self, stop_after: int | None = None) -> dict:
-    """Trains to train.steps; `stop_after` stops early with a checkpoint, as a preemption would."""
-    self._write_workdir()
+  def describe(self, resuming_from: int | None) -> None:
+    """The block printed before training: where, on what, which data, fresh or resumed."""
+    if not self.is_main:
+      return
+    c = self.config
+    devices = jax.devices()
+    state = (f'has a checkpoint at step {resuming_from}' if resuming_from is not None else
+             'fresh: no checkpoint')
+    lines = [
+        f'workdir: {os.path.abspath(self.workdir)} ({state})',
+        f'task: {c.task}; devices: {len(devices)} x {devices[0].device_kind} '
+        f'({jax.process_count()} process{"es" if jax.process_count() > 1 else ""}); mesh: ' +
+        ', '.join(f'{k}={v}' for k, v in self.mesh.shape.items()),
+        f'model: {c.model.name}, {self.param_count:,} parameters',
+        *self.init_notes,
+        *(f'data: {line}' for line in self.task.describe()),
+        f'steps: {self.steps:,} x batch {c.train.batch_size} '
+        f'({self.task.items_per_step:,} {self.task.unit} a step); eval every '
+        f'{self.eval_every or self.steps}, checkpoint every {c.train.checkpoint_every}',
+    ]
+    print('\n'.join(lines), flush=True)
+
+  def run(self, stop_after: int | None = None, stop: 'StopFlag | None' = None) -> dict:
+    """Trains to train.steps; `stop_after` stops early with a checkpoint, as a preemption would.
+
+    `stop` is the signal flag lm.main installs before loading data, so a SIGTERM that comes
+    during set-up is honoured too.
+    """
+    stop = stop or StopFlag()
+    resuming_from = checkpoint.latest_step(self.workdir)
+    self.describe(resuming_from)
     state = self.compile_and_init()
+    self._write_workdir(fresh=resuming_from is None)
+    start = int(jax.device_get(state.step))
+    if stop.requested:
+      print(f'stopped before training resumed (at step {start}); nothing new to save. Run the '
+            'same command to continue.', flush=True)
+      return {'stopped_at': start}
     writer = metrics_lib.Writer(self.workdir, self.is_main)
     flops = self.task.flops_per_step({'params': state.params, **state.model_state},
                                      self.example)
     log = _StepLog(self, writer, flops)
-    stop = _StopFlag()
     rollbacks = 0
     try:
       while True:
@@ -262,7 +362,7 @@ class Trainer:
       workdir_lib.write_json(os.path.join(self.workdir, 'DONE'), {'step': self.steps, **final})
     return final
 
-  def _loop(self, state, log: '_StepLog', stop: '_StopFlag', stop_after):
+  def _loop(self, state, log: '_StepLog', stop: 'StopFlag', stop_after):
     c = self.config.train
     start = int(jax.device_get(state.step))
     final, pending = {}, None
@@ -312,9 +412,15 @@ class Trainer:
     return self._skipped_steps
 
   def _batch_index(self, step: int) -> int:
-    """A skipped step trains on a spare batch from past the end of the run instead."""
+    """A skipped step trains on a spare batch from past the end of the run instead.
+
+    Each rollback gets its own spare (the list's position of its entry), so a step that fails
+    twice is not retried on the spare that already failed.
+    """
     skipped = self._skipped()
-    return self.steps + skipped.index(step) if step in skipped else step
+    if step not in skipped:
+      return step
+    return self.steps + len(skipped) - 1 - skipped[::-1].index(step)
 
   def _roll_back(self, bad: '_NonFinite'):
     self._skipped().append(bad.step)
@@ -322,19 +428,26 @@ class Trainer:
       workdir_lib.write_atomic(self._skipped_path(), json.dumps(self._skipped()))
     self._wait_for_saves()
     last = self.ckpt.latest_step()
-    print(f'non-finite loss at step {bad.step}: rolling back to checkpoint {last} and '
-          f'skipping that batch (steps skipped so far: {self._skipped()})', flush=True)
+    target = f'checkpoint {last}' if last is not None else 'the initial state (no checkpoint yet)'
+    print(f'non-finite loss at step {bad.step}: rolling back to {target} and training on a '
+          f'spare batch in its place (steps skipped so far: {self._skipped()})', flush=True)
     if last is None:
       return self._fresh_state()
     return checkpoint.restore(self.ckpt, last, self.abstract_state)
 
   def _nonfinite_message(self, bad: '_NonFinite', rollbacks: int) -> str:
-    why = (f'after {rollbacks - 1} rollbacks (train.max_rollbacks)' if rollbacks > 1 else
-           'and train.on_nan=stop')
-    return (f'loss or gradient is not finite at step {bad.step} (loss={bad.loss}, '
-            f'grad_norm={bad.grad_norm}) {why}; the update was skipped and the last good '
-            f'checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}. Lower '
-            'optim.lr or raise optim.warmup_steps, or set train.on_nan=rollback')
+    t = self.config.train
+    if t.on_nan == 'rollback':
+      why = f'after {rollbacks - 1} rollbacks (train.max_rollbacks={t.max_rollbacks})'
+      advice = 'or raise train.max_rollbacks'
+    else:
+      why, advice = 'and train.on_nan=stop', 'or set train.on_nan=rollback'
+    last = self.ckpt.latest_step()
+    where = (f'the last good checkpoint is step {last} in {self.ckpt.directory}'
+             if last is not None else 'there is no checkpoint yet')
+    return (f'loss, gradient or new state is not finite at step {bad.step} (loss={bad.loss}, '
+            f'grad_norm={bad.grad_norm}) {why}; the update was skipped and {where}. Lower '
+            f'optim.lr or raise optim.warmup_steps, {advice}')
 
   def _save(self, step: int, state):
     try:
@@ -350,12 +463,13 @@ class Trainer:
 
   def _save_failed(self, step, error: Exception, what: str = 'saving a checkpoint'):
     steps = [s for s in self.ckpt.all_steps() if s != step]
-    reason = 'No space left on device' if 'No space left' in str(error) else (
-        str(error).splitlines()[0][:160])
+    full = 'No space left' in str(error) or getattr(error, 'errno', None) == errno.ENOSPC
+    reason = 'No space left on device' if full else (str(error).strip().splitlines() or [
+        type(error).__name__])[0][:160]
+    fix = 'Free space and run' if full else 'Run'
     raise ConfigError(
         f'{what} failed ({reason}); the complete checkpoints {steps} in '
-        f'{self.ckpt.directory} are kept. Free space and run the same command to resume'
-    ) from error
+        f'{self.ckpt.directory} are kept. {fix} the same command to resume') from error
 
 
 class _NonFinite(Exception):
@@ -389,6 +503,9 @@ class _StepLog:
     else:
       self.n += 1
     done, t = step + 1, self.trainer
+    if self.n == 0 and len(self.window) == 1 and done % t.config.train.log_every:
+      # The first step of this process: a sign of life long before the first row.
+      self.progress.update(done, self.window[0]['loss'], math.nan, math.nan)
     if done % t.config.train.log_every and done != t.steps:
       return
     # The loss and the task's metrics are means over the steps since the last row.
@@ -411,6 +528,13 @@ class _StepLog:
     self.t0, self.n = time.perf_counter(), 0  # Eval time is not step time.
 
 
+def _paths(tree):
+  """(path 'a/b/c', leaf) pairs of a tree of arrays or metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))[0]
+  return [(jax.tree_util.keystr(p, simple=True, separator='/'), x) for p, x in leaves]
+
+
 def _widen(x) -> np.ndarray:
   """float64 for floats, so that sums over many batches do not lose precision."""
   x = np.asarray(x)
@@ -425,11 +549,17 @@ def _return_freed_memory() -> None:
     pass
 
 
-class _StopFlag:
-  """Turns SIGTERM/SIGINT into 'save a checkpoint after this step and exit 0'."""
+class StopFlag:
+  """Turns SIGTERM/SIGINT into 'save a checkpoint after this step and exit 0'.
+
+  A repeat within `_REPEAT_S` of the first signal is the same request (cluster wrappers
+  often signal twice); a later one means "stop now", without saving.
+  """
+
+  _REPEAT_S = 10.0
 
   def __init__(self):
-    self.requested = False
+    self.requested, self._first = False, None
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         signal.signal(sig, self._handle)
@@ -446,9 +576,23 @@ class _StopFlag:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
+  def exiting(self):
+    """The run has stopped and saved. Python restores the default handlers as it shuts down,
+    so a repeat signal then would kill the process and turn exit 0 into -15: ignore it."""
+    if self.requested:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+          signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+          pass
+
   def _handle(self, signum, frame):
     del frame
-    if self.requested:  # A second signal means "now".
-      raise KeyboardInterrupt
+    now = time.monotonic()
+    if self.requested:
+      if now - self._first < self._REPEAT_S:
+        print(f'received signal {signum} again: already stopping', flush=True)
+        return
+      raise KeyboardInterrupt  # A later signal means "now".
     print(f'\nreceived signal {signum}: finishing the step in flight and saving', flush=True)
-    self.requested = True
+    self.requested, self._first = True, now

@@ -1,5 +1,6 @@
 """Files of a run directory that are not checkpoints or metrics: written whole or not at all."""
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,3 +24,19 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
   write_atomic(path, json.dumps(obj, indent=1))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """A temporary path to write (by any library) that becomes `path` when the block succeeds."""
+  directory = os.path.dirname(os.path.abspath(path))
+  base, ext = os.path.splitext(os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{base}.', suffix=ext)
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)

@@ -64,3 +64,15 @@ def test_pngs_are_written(tmp_path):
   classification.save_curves_png(str(metrics), str(curves_png))
   for path in (confusion_png, curves_png):
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and os.path.getsize(path) > 5000
+
+
+def test_curves_skip_a_torn_line(tmp_path, capsys):
+  """A kill mid-write left a torn line; the end-of-run plot must not fail the run for it."""
+  metrics = tmp_path / 'metrics.jsonl'
+  metrics.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo{"step": 3, '
+                     '"train/loss": 1.0}\n{"step": 4, "train/loss": 0.5, "train/accuracy": 0.9}\n'
+                     '{"step": 5, "eval/acc')
+  curves_png = tmp_path / 'curves.png'
+  classification.save_curves_png(str(metrics), str(curves_png))
+  assert curves_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert capsys.readouterr().err.count('skipping a line that is not a JSON object') == 2

@@ -23,18 +23,18 @@ def test_experiment_loads_locks_and_builds(path):
   config = config_lib.load(path)
   with pytest.raises(AttributeError):
     config.train.stepz = 1  # Locked: a typo is an error, not a new field.
-  tokens = jnp.zeros((1, config.model.seq_len), jnp.int32)
   if config.task == 'lm':
     from lm import model  # pylint: disable=g-import-not-at-top
     net = model.Transformer(model.TransformerConfig.from_config(config.model, vocab_size=256))
-    inputs = (tokens,)
+    inputs = (jnp.zeros((1, config.model.seq_len), jnp.int32),)
   elif config.task == 'classify_text':
     from lm import model  # pylint: disable=g-import-not-at-top
-    net = model.Classifier.from_config(config.model, vocab_size=256)
-    inputs = (tokens, tokens == 0)
+    net = model.Classifier.from_config(config.model, vocab_size=config.data.vocab_size + 3)
+    inputs = (jnp.zeros((1, config.data.max_len or config.model.seq_len), jnp.int32),)
   elif config.task == 'classify_multimodal':
     from lm import fusion  # pylint: disable=g-import-not-at-top
-    net = fusion.FusionClassifier.from_config(config.model, vocab_size=256)
+    net = fusion.FusionClassifier.from_config(config.model, vocab_size=config.data.vocab_size + 3)
+    tokens = jnp.zeros((1, config.data.max_len or config.model.seq_len), jnp.int32)
     inputs = (jnp.zeros((1, config.data.image_size, config.data.image_size, 3)), tokens,
               tokens == 0)
   else:

@@ -238,3 +238,72 @@ def test_sweep_as_a_job_array_runs_each_trial_once(tmp_path):
     assert _steps(trial['workdir']) == [5, 10, 15, 20]
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert again.returncode == 0 and 'nothing to submit' in again.stdout
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_fixed_mesh_spans_the_two_tasks(tmp_path):
+  """Each task made the whole mesh's 2 CPU devices (4 in all) and both refused fsdp=2."""
+  assert shutil.which('sinfo'), 'LM_REQUIRE_SLURM is set but sinfo is missing'
+  workdir = str(tmp_path / 'run')
+  run = _submit(workdir, '--config.mesh.data=1', '--config.mesh.fsdp=2',
+                '--config.mesh.tensor=1', '--config.train.steps=10')
+  assert run.returncode == 0, run.stdout[-4000:] + run.stderr
+  log = _job_log(workdir, run.stdout)
+  assert '[Gloo] Rank 1 is connected to 1 peer ranks' in log
+  assert 'but there are 4 devices' not in log
+  assert json.load(open(os.path.join(workdir, 'DONE')))['step'] == 10
+
+
+def _task_pid(tag: str, rank: int) -> int | None:
+  """The lm.main of Slurm task `rank` in the job whose environment has LM_TEST_TAG=tag."""
+  want = {f'LM_TEST_TAG={tag}'.encode(), f'SLURM_PROCID={rank}'.encode()}
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        env = set(f.read().split(b'\0'))
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        cmdline = f.read()
+    except OSError:
+      continue
+    if want <= env and b'lm.main' in cmdline:
+      return int(pid)
+  return None
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_dead_task_ends_the_job_at_once(tmp_path):
+  """srun --kill-on-bad-exit=1: the surviving task does not wait a minute for its peer."""
+  assert shutil.which('sinfo'), 'LM_REQUIRE_SLURM is set but sinfo is missing'
+  from lm import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  os.environ['LM_TEST_TAG'] = workdir  # sbatch exports the submitting environment.
+  try:
+    proc = _submit(workdir, '--config.train.steps=400', '--config.train.checkpoint_every=5',
+                   '--config.train.eval_every=0', background=True)
+  finally:
+    del os.environ['LM_TEST_TAG']
+  deadline = time.time() + 300
+  while (checkpoint.latest_step(workdir) or 0) < 5:
+    assert time.time() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+    time.sleep(0.5)
+  os.kill(_task_pid(workdir, 1), signal.SIGKILL)
+  killed = time.time()
+  out, _ = proc.communicate(timeout=300)
+  took = time.time() - killed
+  assert proc.returncode != 0, out[-3000:]
+  log = _job_log(workdir, out)
+  assert re.search(r'srun: error: .*: task 1: Killed', log), log[-3000:]
+  # srun terminates the step at once: SIGTERM, then SIGKILL after the cluster's KillWait (the
+  # survivor cannot save without its peer). Without --kill-on-bad-exit it would wait for
+  # JAX's heartbeat to time out instead. launch.slurm --wait polls every 2 s.
+  assert took < _kill_wait_s() + 15, f'{took:.0f}s after the kill: the job outlived KillWait'
+  print(f'job ended {took:.1f}s after one task was killed (exit {proc.returncode}; '
+        f'KillWait {_kill_wait_s()}s)')
+
+
+def _kill_wait_s() -> int:
+  out = subprocess.run(['scontrol', 'show', 'config'], capture_output=True, text=True,
+                       check=False).stdout
+  return int(re.search(r'KillWait\s*=\s*(\d+)', out).group(1))

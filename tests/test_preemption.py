@@ -106,3 +106,35 @@ def test_second_run_on_the_same_workdir_refuses(tmp_path):
   first.wait()
   assert code == 2
   assert err.strip().startswith('error: another run is using workdir')
+
+
+def test_sigterm_during_set_up_exits_zero_with_a_message(tmp_path):
+  workdir = str(tmp_path)
+  proc = start(workdir)
+  line = proc.stdout.readline()
+  while line and not line.startswith('workdir: '):  # Printed before the step compiles.
+    line = proc.stdout.readline()
+  proc.send_signal(signal.SIGTERM)
+  code, out, err = finish(proc)
+  assert code == 0, err
+  assert 'stopped before training resumed (at step 0)' in out
+  assert 'Traceback' not in err
+
+
+def test_two_sigterms_close_together_still_save(tmp_path, reference):
+  """Cluster wrappers often signal twice; the second within seconds is the same request."""
+  workdir = str(tmp_path)
+  proc = start(workdir)
+  assert wait_for(lambda: any(s >= 60 for s in logged_steps(workdir)))
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  code, out, err = finish(proc)
+  # The second lands while stopping ('already stopping') or, when the save was quicker, as
+  # Python shuts down (where a default handler would kill it: -15): either way exit 0.
+  assert code == 0, err
+  assert 'stopped at step' in out
+  assert 'KeyboardInterrupt' not in err
+  code, out, err = finish(start(workdir))
+  assert code == 0, err
+  assert done(workdir)['eval/loss'] == reference['eval/loss']

@@ -147,3 +147,90 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         f.write(b'garbage' * 100)
   with pytest.raises(ConfigError, match=r'checkpoint .*5 cannot be restored.*move it away'):
     train.Trainer(tiny_cnn(**{'train.steps': 5}), str(tmp_path)).initial_state()
+
+
+def test_a_nan_update_from_finite_gradients_is_guarded(tmp_path):
+  """lr=nan makes NaN params from finite loss and gradient; the guard checks the new state."""
+  from lm import optim, sharding, steps  # pylint: disable=g-import-not-at-top
+  config = tiny_cnn(**{'optim.name': 'sgd'})
+  trainer = train.Trainer(config, str(tmp_path))
+  state = trainer.initial_state()
+  before = jax.device_get(state)
+  config.optim.lr = float('nan')  # Past lm.main's check, as a schedule bug would be.
+  nan_tx, _ = optim.make(config.optim, trainer.steps)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=trainer.task.loss, tx=nan_tx,
+                                               seed=0))
+  new, metrics = step(state, sharding.to_global(trainer.task.data.train_batch(0), trainer.mesh))
+  assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
+  assert not bool(metrics['finite'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), before.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.opt_state), before.opt_state)
+
+
+def test_a_failed_resume_does_not_rewrite_config_json(tmp_path):
+  train.Trainer(tiny_cnn(**{'train.steps': 5}), str(tmp_path)).run()
+  saved = (tmp_path / 'config.json').read_text()
+  wider = tiny_cnn(**{'train.steps': 8, 'model.name': 'resnet20'})
+  wider.resume_mismatch = 'ignore'
+  with pytest.raises(ConfigError, match=r"shapes differ from the config \(params/.*: .* in the "
+                                        r'checkpoint vs .* here\)'):
+    train.Trainer(wider, str(tmp_path)).run()
+  assert (tmp_path / 'config.json').read_text() == saved
+  # Without config.json there is nothing to check a resume against: refused, not trusted.
+  os.remove(tmp_path / 'config.json')
+  with pytest.raises(ConfigError, match='has checkpoints but no config.json'):
+    train.Trainer(tiny_cnn(**{'train.steps': 8, 'optim.lr': 0.5}), str(tmp_path))
+
+
+def test_a_second_rollback_at_one_step_gets_a_new_spare_batch(tmp_path):
+  config = tiny_cnn(**{'train.on_nan': 'rollback', 'train.max_rollbacks': 5})
+  trainer = train.Trainer(config, str(tmp_path))
+  seen, original = [], trainer.task.data.train_batch
+  bad = {7, 12}  # Step 7's own batch, and the first spare (12 steps: spares start at 12).
+
+  def train_batch(index):
+    seen.append(index)
+    batch = original(index)
+    if index in bad:
+      batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
+    return batch
+  trainer.task.data.train_batch = train_batch
+  trainer.run()
+  assert json.load(open(tmp_path / 'skipped_steps.json')) == [7, 7]
+  spares = [i for i in seen if i >= 12]
+  assert spares[:2] == [12, 13], seen  # Not the spare that already failed.
+
+
+def test_rollback_messages_say_what_happened(tmp_path, capsys):
+  trainer = train.Trainer(tiny_cnn(**{'train.on_nan': 'rollback', 'train.max_rollbacks': 1}),
+                          str(tmp_path))
+  poison(trainer, 2)  # Before the first checkpoint (5).
+  original = trainer.task.data.train_batch
+  trainer.task.data.train_batch = lambda i: (
+      {**original(i), 'image': np.full_like(original(i)['image'], np.inf)} if i >= 12
+      else original(i))
+  with pytest.raises(train.Diverged) as err:
+    trainer.run()
+  out = capsys.readouterr().out
+  assert 'rolling back to the initial state (no checkpoint yet)' in out
+  message = str(err.value)
+  assert 'after 1 rollbacks (train.max_rollbacks=1)' in message
+  assert 'raise train.max_rollbacks' in message and 'set train.on_nan=rollback' not in message
+  assert 'there is no checkpoint yet' in message
+
+
+def test_max_rollbacks_zero_names_it(tmp_path):
+  config = tiny_cnn(**{'train.on_nan': 'rollback', 'train.max_rollbacks': 0})
+  trainer = train.Trainer(config, str(tmp_path))
+  poison(trainer, 3)
+  with pytest.raises(train.Diverged, match=r'step 3 .*after 0 rollbacks \(train.max_rollbacks=0\)'):
+    trainer.run()
+
+
+def test_a_fresh_run_does_not_inherit_skipped_steps(tmp_path):
+  (tmp_path / 'skipped_steps.json').write_text('[3]')  # Left by an earlier run, no checkpoint.
+  trainer = train.Trainer(tiny_cnn(**{'train.steps': 4}), str(tmp_path))
+  seen, original = [], trainer.task.data.train_batch
+  trainer.task.data.train_batch = lambda i: seen.append(i) or original(i)
+  trainer.run()
+  assert seen == [0, 1, 2, 3] and not (tmp_path / 'skipped_steps.json').exists()

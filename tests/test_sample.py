@@ -2,7 +2,9 @@
 
 import dataclasses
 import functools
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,25 +99,75 @@ def test_generation_past_the_context_slides_the_window():
 def test_bad_sampling_arguments_are_config_errors():
   model, params = _model_and_params()
   for kwargs, needle in (({'temperature': -1.0, 'top_k': 0}, 'temperature'),
+                         ({'temperature': float('nan'), 'top_k': 0}, 'temperature=nan'),
+                         ({'temperature': float('inf'), 'top_k': 0}, 'temperature=inf'),
+                         ({'temperature': 1.0, 'top_k': -1}, 'top_k'),
                          ({'temperature': 1.0, 'top_k': 99}, 'top_k')):
     with pytest.raises(ConfigError, match=needle):
       sample.generate(model, params, np.array([1]), 4, rng=jax.random.key(0), **kwargs)
 
 
-def test_cli_samples_on_one_device_what_several_trained(tmp_path):
-  """lm.main splits the CPU into devices; lm.sample restores onto one."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   env.pop('XLA_FLAGS', None)
-  config = os.path.join(root, 'tests', 'tiny_config.py')
-  trained = subprocess.run(
-      [sys.executable, '-m', 'lm.main', f'--config={config}', f'--workdir={tmp_path}',
-       '--config.train.steps=10', '--config.mesh.data=2'],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300)
-  assert trained.returncode == 0, trained.stderr
-  sampled = subprocess.run(
-      [sys.executable, '-m', 'lm.sample', f'--workdir={tmp_path}', '--prompt=ROMEO:',
-       '--max_new_tokens=20', '--seed=0'],
-      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  return env
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A workdir lm.main trained on two devices (it splits the CPU)."""
+  workdir = tmp_path_factory.mktemp('trained')
+  config = os.path.join(ROOT, 'tests', 'tiny_config.py')
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm.main', f'--config={config}', f'--workdir={workdir}',
+       '--config.train.steps=10', '--config.train.checkpoint_every=5', '--config.mesh.data=2'],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def _sample(workdir, *args):
+  return subprocess.run([sys.executable, '-m', 'lm.sample', f'--workdir={workdir}', *args],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_cli_samples_on_one_device_what_several_trained(trained):
+  """lm.main splits the CPU into devices; lm.sample restores onto one."""
+  sampled = _sample(trained, '--prompt=ROMEO:', '--max_new_tokens=20', '--seed=0')
   assert sampled.returncode == 0, sampled.stderr
   assert sampled.stdout.startswith('ROMEO:') and len(sampled.stdout.strip()) >= 20
+
+
+@pytest.mark.parametrize('args,needle', [
+    # The char tokenizer used to drop these silently and continue 'ROMEO'.
+    (['--prompt=ROMEO€ü'], "the prompt has characters the model has no token for: 'ü', '€'"),
+    (['--temperature=nan'], 'temperature=nan must be a finite number'),  # Was: exit 0.
+    (['--temperature=-inf'], 'temperature=-inf'),
+    (['--top_k=-3'], 'top_k=-3 must be in [0, vocab_size='),
+    (['--top_k=inf'], 'flag --top_k=inf'),  # Was: absl's two lines and exit 1.
+    (['--max_new_tokens=0'], 'max_new_tokens=0 must be positive'),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(trained, args, needle):
+  result = _sample(trained, *args)
+  assert result.returncode == 2, result.stdout + result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], lines
+  assert result.stdout == ''
+
+
+def test_cli_corrupt_checkpoint_is_one_line(trained, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained, workdir)
+  data_files = glob.glob(str(workdir / 'checkpoints' / '10' / '**' / 'd' / '*'), recursive=True)
+  for path in data_files:
+    os.truncate(path, os.path.getsize(path) // 2)
+  result = _sample(workdir)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith(f'error: checkpoint {workdir}/checkpoints/10 cannot be restored')
+  assert lines[0].endswith(f'move it away (mv {workdir}/checkpoints/10 {workdir}/corrupt-10) '
+                           'and run again to use checkpoint 5'), lines[0]

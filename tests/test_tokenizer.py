@@ -56,6 +56,19 @@ def test_char_drops_unseen_characters():
   assert tok.decode(tok.encode('a€xb')) == 'ab'
 
 
+def test_unknown_chars_are_what_a_tokenizer_cannot_represent(sp_proto):
+  char = tokenizer_lib.CharTokenizer.from_text('abc \n')
+  assert tokenizer_lib.unknown_chars(char, 'a€x b€\n') == 'x€'
+  assert tokenizer_lib.unknown_chars(char, 'cab\n') == ''
+  assert tokenizer_lib.unknown_chars(tokenizer_lib.ByteTokenizer(), '€\x00😀') == ''
+  sp = tokenizer_lib.SentencePieceTokenizer(sp_proto)
+  assert tokenizer_lib.unknown_chars(sp, 'the king\n') == ''
+  assert tokenizer_lib.unknown_chars(sp, 'the Zing€') == 'Z€'  # Never in its corpus.
+  with_fallback = tokenizer_lib.SentencePieceTokenizer(
+      tokenizer_lib.train_sentencepiece(_corpus(), vocab_size=300, byte_fallback=True))
+  assert tokenizer_lib.unknown_chars(with_fallback, 'the Zing€') == ''
+
+
 def test_char_handles_non_bmp_characters():
   text = 'a😀b\n'
   tok = tokenizer_lib.CharTokenizer.from_text(text)
