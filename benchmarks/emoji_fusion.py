@@ -83,7 +83,7 @@ def _train(args, fusion: str, label_key: str, overrides) -> dict:
     raise SystemExit(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   print(f'{label_key} {fusion}: {wall:.0f} s', flush=True)
   return {'workdir': workdir, 'wall_s': wall, 'load': load,
-          'command': ' '.join(cmd[1:]).replace(sys.executable, 'python')}
+          'command': 'python ' + ' '.join(cmd[1:])}
 
 
 def _evals(workdir: str) -> list[dict]:
