@@ -1,15 +1,18 @@
 """Image classifiers for CIFAR-sized inputs, built from `config.model` by `build`.
 
 Every model is called as `model.apply(variables, x_BxHxWxC, train=...)` and returns float32
-logits [B, K]. `dtype` is the compute dtype; parameters stay float32. BatchNorm models keep
-their running statistics in the 'batch_stats' collection; under `jax.jit` with the batch
-sharded over the mesh, the batch mean inside BatchNorm is already a global (sync-BN) mean.
+logits [B, K]; with `num_classes=0` it has no head and returns `Features` instead: what the head
+would have seen, and the last feature map before pooling (an image tower for lm/fusion.py, whose
+parameters then have the standalone model's paths minus the head's). `dtype` is the compute
+dtype; parameters stay float32. BatchNorm models keep their running statistics in the
+'batch_stats' collection; under `jax.jit` with the batch sharded over the mesh, the batch mean
+inside BatchNorm is already a global (sync-BN) mean.
 
 Shape key: B batch, H height, W width, C channels, K classes.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +35,12 @@ _DTYPES = ('float32', 'bfloat16')
 
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+class Features(NamedTuple):
+  """A headless model's output (num_classes=0), in the compute dtype."""
+  pooled_BxD: jax.Array      # The input of the classification head.
+  map_BxHxWxC: jax.Array     # The last feature map before pooling; the MLP's is 1x1.
 
 
 def _phase_taps(k: int, s: int, lo: int, n_in: int, n_out: int):
@@ -177,6 +186,8 @@ class SimpleCNN(nn.Module):
     x = nn.relu(_conv(64, padding='VALID', use_bias=True, dtype=self.dtype, init=_KERAS_INIT)(x))
     x_BxD = x.reshape(x.shape[0], -1)
     x_BxD = nn.relu(_dense(64, 'mlp', dtype=self.dtype, init=_KERAS_INIT)(x_BxD))
+    if not self.num_classes:
+      return Features(x_BxD, x)
     return _dense(self.num_classes, dtype=self.dtype, init=_KERAS_INIT)(x_BxD).astype(
         jnp.float32)
 
@@ -193,6 +204,8 @@ class MLP(nn.Module):
     x_BxD = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1).astype(self.dtype)
     for features in self.hidden:
       x_BxD = nn.relu(_dense(features, 'mlp', dtype=self.dtype, init=_TORCH_INIT)(x_BxD))
+    if not self.num_classes:
+      return Features(x_BxD, x_BxD[:, None, None, :])
     return _dense(self.num_classes, dtype=self.dtype, init=_TORCH_INIT)(x_BxD).astype(
         jnp.float32)
 
@@ -241,6 +254,8 @@ class CifarResNet(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(features, strides, self.dtype)(x, train=train)
     x_BxC = _global_avg_pool(x)
+    if not self.num_classes:
+      return Features(x_BxC, x)
     return _dense(self.num_classes, dtype=self.dtype)(x_BxC).astype(jnp.float32)
 
 
@@ -291,6 +306,8 @@ class PreActResNet(nn.Module):
         x = PreActBlock(features, strides, self.dropout, self.dtype)(x, train=train)
     x = nn.relu(_batch_norm(train, self.dtype)(x))
     x_BxC = _global_avg_pool(x)
+    if not self.num_classes:
+      return Features(x_BxC, x)
     return _dense(self.num_classes, dtype=self.dtype)(x_BxC).astype(jnp.float32)
 
 
@@ -329,6 +346,8 @@ class ResNet9(nn.Module):
         y = ConvBN(features, self.dtype)(x, train=train)
         x = x + ConvBN(features, self.dtype)(y, train=train)
     x_BxC = x.max(axis=(1, 2))
+    if not self.num_classes:
+      return Features(x_BxC, x)
     logits = _dense(self.num_classes, use_bias=False, dtype=self.dtype)(x_BxC)
     return (logits * self.logit_scale).astype(jnp.float32)
 
@@ -340,43 +359,57 @@ NAMES = ('simple_cnn', 'mlp', *_RESNET_DEPTHS, 'preact_resnet18', *_WIDE, 'resne
 _HAS_WIDTH = ('resnet20', 'resnet32', 'resnet56', 'resnet110', 'preact_resnet18', 'resnet9')
 
 
-def _check(model_cfg) -> None:
-  if model_cfg.name not in NAMES:
-    raise ConfigError(f'unknown image model {model_cfg.name!r}; set --config.model.name to one '
+def _check(name: str, num_classes: int, width: float, hidden: Sequence[int], dropout: float,
+           dtype: str, field: str) -> None:
+  if name not in NAMES:
+    raise ConfigError(f'unknown image model {name!r}; set --config.{field} to one '
                       f'of {", ".join(NAMES)}')
-  if model_cfg.dtype not in _DTYPES:
-    raise ConfigError(f'model.dtype {model_cfg.dtype!r} is not supported; use one of '
+  if dtype not in _DTYPES:
+    raise ConfigError(f'model.dtype {dtype!r} is not supported; use one of '
                       f'{", ".join(_DTYPES)}')
-  if model_cfg.width != 1 and model_cfg.name not in _HAS_WIDTH:
-    raise ConfigError(f'model {model_cfg.name!r} has no width multiplier; set model.width=1 '
+  if width != 1 and name not in _HAS_WIDTH:
+    raise ConfigError(f'model {name!r} has no width multiplier; set model.width=1 '
                       f'(it applies to {", ".join(_HAS_WIDTH)})')
-  if model_cfg.width <= 0:
-    raise ConfigError(f'model.width must be positive, got {model_cfg.width}')
-  hidden = tuple(model_cfg.hidden)
+  if width <= 0:
+    raise ConfigError(f'model.width must be positive, got {width}')
+  hidden = tuple(hidden)
   if not hidden or not all(isinstance(w, int) and w > 0 for w in hidden):
-    raise ConfigError(f'model.hidden={model_cfg.hidden!r} must be one or more positive widths, '
+    raise ConfigError(f'model.hidden={hidden!r} must be one or more positive widths, '
                       'e.g. --config.model.hidden="(512, 256)"')
-  if hidden != tuple(base_config().model.hidden) and model_cfg.name != 'mlp':
-    raise ConfigError(f'model {model_cfg.name!r} has no hidden-width list; leave model.hidden '
+  if hidden != tuple(base_config().model.hidden) and name != 'mlp':
+    raise ConfigError(f'model {name!r} has no hidden-width list; leave model.hidden '
                       'at its default (it applies to mlp)')
-  if model_cfg.dropout > 0 and model_cfg.name not in _WIDE:
-    raise ConfigError(f'model {model_cfg.name!r} has no dropout; set model.dropout=0 '
+  if dropout > 0 and name not in _WIDE:
+    raise ConfigError(f'model {name!r} has no dropout; set model.dropout=0 '
                       f'(only {", ".join(_WIDE)} use it)')
+  if num_classes < 0:
+    raise ConfigError(f'model.num_classes={num_classes} must be >= 0 (0: features, no head)')
 
 
 def build(model_cfg) -> nn.Module:
   """The image model `model_cfg.name` names (see NAMES), with `num_classes` outputs."""
-  _check(model_cfg)
-  name, k = model_cfg.name, model_cfg.num_classes
-  dtype = jnp.dtype(model_cfg.dtype)
+  m = model_cfg
+  return make(m.name, m.num_classes, width=m.width, hidden=m.hidden, dropout=m.dropout,
+              dtype=m.dtype)
+
+
+def make(name: str, num_classes: int, *, width: float = 1.0, hidden: Sequence[int] = (128, 64),
+         dropout: float = 0.0, dtype: str = 'float32', field: str = 'model.name') -> nn.Module:
+  """Model `name` of NAMES with `num_classes` outputs; 0 makes it return `Features`.
+
+  `field` is the config field that named the model, for the fix in error messages.
+  """
+  _check(name, num_classes, width, hidden, dropout, dtype, field)
+  k = num_classes
+  dtype = jnp.dtype(dtype)
 
   def scaled(widths):
-    return tuple(max(1, round(w * model_cfg.width)) for w in widths)
+    return tuple(max(1, round(w * width)) for w in widths)
 
   if name == 'simple_cnn':
     return SimpleCNN(k, dtype=dtype)
   if name == 'mlp':
-    return MLP(k, hidden=tuple(model_cfg.hidden), dtype=dtype)
+    return MLP(k, hidden=tuple(hidden), dtype=dtype)
   if name in _RESNET_DEPTHS:
     return CifarResNet(k, blocks=(_RESNET_DEPTHS[name] - 2) // 6,
                        widths=scaled((16, 32, 64)), dtype=dtype)
@@ -386,5 +419,5 @@ def build(model_cfg) -> nn.Module:
   if name in _WIDE:
     blocks, widen = _WIDE[name]
     return PreActResNet(k, stem=16, widths=(16 * widen, 32 * widen, 64 * widen), blocks=blocks,
-                        dropout=model_cfg.dropout, dtype=dtype)
+                        dropout=dropout, dtype=dtype)
   return ResNet9(k, widths=scaled((64, 128, 256, 512)), dtype=dtype)

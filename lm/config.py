@@ -19,12 +19,12 @@ class ConfigError(ValueError):
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # Seeds init, dropout, data order and augmentation.
-  c.task = 'lm'                   # 'lm' (next tokens), 'classify' (images), 'classify_text'.
+  c.task = 'lm'                   # lm, classify (images), classify_text, classify_multimodal.
   c.resume_mismatch = 'error'     # 'error' or 'ignore': resuming with a changed model/optimizer.
 
   c.data = ml_collections.ConfigDict()
   # TFDS name; 'files:<glob>' for your own text files (lm); '' for split files in data_dir:
-  # <split>.npz (images), <split>.csv|.tsv|.jsonl (classify_text).
+  # <split>.npz (images), <split>.csv|.tsv|.jsonl (classify_text), <split>.jsonl (multimodal).
   c.data.name = 'tiny_shakespeare'
   c.data.data_dir = ''            # TFDS data dir; '' means TFDS's default (~/tensorflow_datasets).
   c.data.text_key = 'text'        # TFDS feature (labelled text: column or JSON key) of the text.
@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Validation held out of train. classify: this fraction of the examples (0 = none). files:
   # the last fraction of the bytes (0 = 0.1 when the glob matches one file, else heldout_files).
   c.data.val_fraction = 0.0
-  c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
+  c.data.augment = True           # classify: random crop (4-pixel pad), with data.flip flips.
+  c.data.flip = True              # classify: horizontal flips when data.augment.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
   c.data.train_fraction = 1.0     # classify: train on this fixed random fraction of the labels.
@@ -53,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.oversample = False       # classify: draw examples with weight 1/(their class count).
   c.data.augment_on_device = False  # classify: crop/flip/cutout in the jitted step (uint8 batches).
   c.data.prefetch = -1            # Batches built ahead on a thread (-1: 2 on GPU/TPU, 0 on CPU).
+  c.data.image_key = 'image'      # multimodal: manifest key of the image path (relative to it).
+  c.data.image_size = 32          # multimodal: images resized to this square side (0 = as stored).
+  c.data.alpha = 'white'          # multimodal: 'white' (composite, RGB) or 'channel' (RGBA).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.
@@ -77,7 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
-  c.model.hidden = (128, 64)      # classify, model.name=mlp: widths of the ReLU hidden layers.
+  c.model.hidden = (128, 64)      # The mlp image model (name or image_model): ReLU hidden widths.
+  c.model.fusion = 'concat'       # multimodal: concat|average|gated|attention|image_only|text_only.
+  c.model.image_model = 'simple_cnn'  # multimodal: the image tower, a model of lm/cnn.py.
+  c.model.fusion_dim = 128        # multimodal: projection, gate, cross-attention and head width.
+  c.model.modality_dropout = 0.0  # multimodal, training: P(drop the image) = P(drop the text).
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.

@@ -145,7 +145,7 @@ def cutout_mask(cy_B: np.ndarray, cx_B: np.ndarray, size: int, h: int, w: int) -
 
 
 def prepare_on_device(images_BxHxWxC, rng, *, mean_C, std_C, augment: bool, cutout: int,
-                      pad_mode: str = 'constant'):
+                      pad_mode: str = 'constant', flip: bool = True):
   """uint8 pixels -> normalised float32, with `crop_flip` and cutout's augmentation when `rng`
   is a key (training) and `augment` is set; jittable, the draws a function of `rng` alone."""
   x = images_BxHxWxC.astype(jnp.float32)
@@ -153,7 +153,7 @@ def prepare_on_device(images_BxHxWxC, rng, *, mean_C, std_C, augment: bool, cuto
   if rng is not None and augment:
     k_dy, k_dx, k_flip = jax.random.split(rng, 3)
     dy_B, dx_B = (jax.random.randint(k, (b,), 0, 2 * _PAD + 1) for k in (k_dy, k_dx))
-    flip_B = jax.random.bernoulli(k_flip, 0.5, (b,))
+    flip_B = jax.random.bernoulli(k_flip, 0.5, (b,)) & flip
     padded = jnp.pad(x, ((0, 0), (_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode=pad_mode)
     rows_BxH = dy_B[:, None] + jnp.arange(h)
     cols_W = jnp.arange(w)
@@ -178,7 +178,7 @@ class ImageData:
   def __init__(self, splits: dict[str, Split], class_names: tuple[str, ...], *,
                batch_size: int, seed: int, augment: bool, cutout: int, loader,
                process_index: int = 0, process_count: int = 1, eval_batch_size: int = 0,
-               pad_mode: str = 'constant', on_device: bool = False):
+               pad_mode: str = 'constant', on_device: bool = False, flip: bool = True):
     self.splits = splits  # 'train', maybe 'validation'; others join on first use.
     self.class_names = class_names
     self.num_classes = len(class_names)
@@ -189,7 +189,8 @@ class ImageData:
     self.num_train = self.rows.num_examples
     self.steps_per_epoch = self.rows.steps_per_epoch
     self.class_counts = np.bincount(splits['train'].labels_N, minlength=self.num_classes)
-    self._augment, self._cutout, self._pad_mode = augment, cutout, pad_mode
+    self._augment, self._flip, self._cutout = augment, flip, cutout
+    self._pad_mode = pad_mode
     self.on_device = on_device  # Batches of uint8 pixels, for `prepare_on_device`.
     self._loader = loader  # split name -> Split, for splits first asked for in eval_batches.
     self.mean_C, self.std_C = channel_stats(splits['train'].images_NxHxWxC)
@@ -197,7 +198,8 @@ class ImageData:
   def prepare_on_device(self, images_BxHxWxC, rng=None):
     """This data's `prepare_on_device`: a training key augments, None only normalises."""
     return prepare_on_device(images_BxHxWxC, rng, mean_C=self.mean_C, std_C=self.std_C,
-                             augment=self._augment, cutout=self._cutout, pad_mode=self._pad_mode)
+                             augment=self._augment, cutout=self._cutout, pad_mode=self._pad_mode,
+                             flip=self._flip)
 
   def _normalise(self, images_BxHxWxC: np.ndarray) -> np.ndarray:
     return (images_BxHxWxC.astype(np.float32) - self.mean_C) / self.std_C
@@ -219,7 +221,7 @@ class ImageData:
     # Draws are made for the whole global batch, then sliced, to be process-count independent.
     if self._augment:
       dy_B, dx_B = (local(rng.integers(0, 2 * _PAD + 1, g)) for _ in range(2))
-      flip_B = local(rng.random(g) < 0.5)
+      flip_B = local(rng.random(g) < 0.5) & self._flip
       images = crop_flip(images, dy_B, dx_B, flip_B, self._pad_mode)
     x_BxHxWxC = self._normalise(images)
     if self._cutout:
@@ -294,4 +296,4 @@ def make_image_data(config, process_index: int = 0, process_count: int = 1) -> I
   return ImageData(splits, names, batch_size=batch, seed=config.seed, augment=d.augment,
                    cutout=d.cutout, loader=loader, process_index=process_index,
                    process_count=process_count, eval_batch_size=d.eval_batch_size,
-                   pad_mode=d.crop_padding, on_device=d.augment_on_device)
+                   pad_mode=d.crop_padding, on_device=d.augment_on_device, flip=d.flip)

@@ -102,7 +102,8 @@ def _column_error(path: str, key: str, have, data_cfg, what: str) -> ConfigError
                      f'set --config.data.{field} or fix the file')
 
 
-def _label(value, where: str) -> str:
+def label_string(value, where: str) -> str:
+  """A label value as a class name; `where` (file and line) goes into the error if it is none."""
   # Ints and strings alike become strings ('0', 'spam'); stray spaces would make a new class.
   if isinstance(value, bytes):
     value = value.decode('utf-8', errors='replace')
@@ -154,7 +155,7 @@ def _read_delimited(path: str, data_cfg, with_labels: bool = True) -> Examples:
                               f'{len(header)}; {fix}')
           texts.append(row[t])
           if with_labels:
-            labels.append(_label(row[l], f'{path!r} line {start}'))
+            labels.append(label_string(row[l], f'{path!r} line {start}'))
           lines.append(start)
         start = reader.line_num + 1
     except csv.Error as e:
@@ -192,7 +193,7 @@ def _read_jsonl(path: str, data_cfg, with_labels: bool = True) -> Examples:
                             'fix the file or --config.data.text_key')
         texts.append(obj[text_key])
         if with_labels:
-          labels.append(_label(obj[data_cfg.label_key], f'{path!r} line {n}'))
+          labels.append(label_string(obj[data_cfg.label_key], f'{path!r} line {n}'))
         lines.append(n)
     except UnicodeDecodeError as e:
       raise ConfigError(f'{path!r} near line {n + 1}: not UTF-8 ({e.reason}); save the file '
@@ -267,7 +268,7 @@ def _read_tfds(data_cfg, split: str) -> Examples:
       texts.append(text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text)
       value = ex[label_key]
       if names is None:
-        labels.append(_label(value.item() if isinstance(value, np.generic) else value,
+        labels.append(label_string(value.item() if isinstance(value, np.generic) else value,
                              f'{where} example {len(labels)}'))
       elif 0 <= value < len(names):
         labels.append(names[value])

@@ -546,6 +546,33 @@ class Classifier(Trunk):
     return _constrain(logits_BxK, ('act_batch', None))
 
 
+class Encoder(Trunk):
+  """The trunk alone, for models that put their own head on text (lm/fusion.py's text tower).
+
+  Token ids [B, L] and a mask (False at padding) -> (pooled features [B, D] float32, final-norm
+  hidden states [B, L, D]). Its parameters are the trunk's, at the paths the LM and
+  `Classifier` give them, so either one's trunk seeds it.
+  """
+  pool: str = 'mean'
+
+  def __post_init__(self):
+    _check_choice('pool', self.pool, _POOLS)
+    if self.pool == 'cls' and self.config.causal:
+      raise ConfigError('model.pool=cls with model.causal=True pools a position that sees only '
+                        'itself; set model.causal=False or model.pool=last')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens_BxL, token_mask_BxL=None, *, train: bool = False):
+    b, length = tokens_BxL.shape
+    if self.config.pos == 'learned' and length > self.config.seq_len:
+      raise ValueError(f'{length} tokens do not fit the {self.config.seq_len} learned positions')
+    x_BxLxD, _ = self._encode(tokens_BxL, jnp.arange(length), token_mask_BxL, train=train)
+    if token_mask_BxL is None:
+      token_mask_BxL = jnp.ones((b, length), bool)
+    return _pool(x_BxLxD, token_mask_BxL, self.pool), x_BxLxD
+
+
 def _pool(x_BxLxD, mask_BxL, pool: str):
   """Each row's features [B, D] in float32, as a weighted sum over its positions."""
   b, length = mask_BxL.shape

@@ -199,3 +199,27 @@ def labelled_text(config, process_count: int = 1) -> Shapes:
                  'label': ((), np.int32), 'valid': ((), np.float32)}, batch // process_count,
                 lines, _steps_per_epoch(n_train, batch), vocab_size=vocab, max_len=max_len,
                 class_names=names)
+
+
+def multimodal(config, process_count: int = 1) -> Shapes:
+  """Image + text classification: data.image_size images, data.max_len token rows."""
+  d, m, batch = config.data, config.model, config.train.batch_size
+  if d.image_size <= 0:
+    raise ConfigError('--dry_run cannot tell the image size with data.image_size=0 (as stored) '
+                      'without reading an image; set --config.data.image_size or pass '
+                      '--plan_data')
+  vocab, why = _vocab(config, specials=d.tokenizer != 'word')
+  max_len = d.max_len or m.seq_len
+  channels = 3 if d.alpha == 'white' else 4
+  hwc = (d.image_size, d.image_size, channels)
+  names = _unknown_names(config)
+  lines = [f'manifests in {d.data_dir or "(no data_dir)"}: nothing read (--dry_run); images '
+           f'{"x".join(map(str, hwc))} (data.image_size, data.alpha={d.alpha}), vocab {vocab:,} '
+           f'({why}), {max_len} tokens per text, {len(names)} classes']
+  if config.train.epochs > 0:
+    lines.append(f'train.epochs={config.train.epochs:g}: the number of steps needs the count of '
+                 'training examples, which --dry_run does not read; pass --plan_data')
+  return Shapes({'image': (hwc, np.float32), 'tokens': ((max_len,), np.int32),
+                 'token_mask': ((max_len,), np.bool_), 'label': ((), np.int32),
+                 'valid': ((), np.float32)}, batch // process_count, lines,
+                vocab_size=vocab, max_len=max_len, class_names=names)

@@ -14,7 +14,8 @@ A task gives the trainer
 
 Batches are dicts of named arrays: 'tokens', 'targets' for language modelling; 'image',
 'label', 'valid' (1 for a real example, 0 for eval padding) for image classification;
-'tokens', 'token_mask' (True at real tokens), 'label', 'valid' for text classification.
+'tokens', 'token_mask' (True at real tokens), 'label', 'valid' for text classification;
+all five of those for image + text classification.
 """
 
 import json
@@ -38,10 +39,9 @@ def build(config, workdir: str, *, training: bool = True, shapes_only: bool = Fa
   `shapes_only` (--dry_run) lets a task that can plan from the config and dataset metadata
   (lm/shapes.py) skip loading its data."""
   kinds = {'lm': LanguageModel, 'classify': ImageClassification,
-           'classify_text': TextClassification}
+           'classify_text': TextClassification, 'classify_multimodal': MultimodalClassification}
   if config.task not in kinds:
-    raise ConfigError(f'task={config.task!r} is unknown; use one of '
-                      'lm, classify, classify_text')
+    raise ConfigError(f'task={config.task!r} is unknown; use one of {", ".join(kinds)}')
   kind = kinds[config.task]
   if shapes_only and kind.plans_without_data:
     return kind(config, workdir, training=training, shapes_only=True)
@@ -499,3 +499,70 @@ class TextClassification(Classification):
       labelled_text.save_labels(workdir, self.data.class_names)
     if not os.path.exists(labelled_text.train_counts_path(workdir)):
       labelled_text.save_train_counts(workdir, self.data.class_names, self.data.class_counts)
+
+
+class MultimodalClassification(Classification):
+  """Image + text classifiers (lm/fusion.py) on manifests of image files and texts
+  (lm/multimodal.py).
+
+  The tokenizer, the label names and the train images' channel statistics (with the train
+  split's class counts) are saved in the workdir and reused on resume and by `--mode=eval`.
+  Built to evaluate (`training=False`), it reads only the splits it evaluates, so `--mode=eval`
+  runs on a dir that holds nothing but the evaluated manifest and its images.
+  """
+
+  plans_without_data = True
+
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import data, fusion, labelled_text, multimodal, shapes  # pylint: disable=g-import-not-at-top
+    saved = lambda path, load: load(workdir) if os.path.exists(path) else None
+    tokenizer = saved(os.path.join(workdir, 'tokenizer.json'), data.load_tokenizer)
+    if tokenizer is None and config.init.workdir and not shapes_only:
+      from lm import transfer  # pylint: disable=g-import-not-at-top
+      tokenizer = transfer.source_tokenizer(config)  # A pretrained text tower's ids.
+    self.data = (shapes.multimodal(config, jax.process_count()) if shapes_only else
+                 multimodal.make(
+                     config, tokenizer,
+                     saved(labelled_text.labels_path(workdir), labelled_text.load_labels),
+                     saved(multimodal.stats_path(workdir), multimodal.load_stats),
+                     jax.process_index(), jax.process_count(), cls=config.model.pool == 'cls',
+                     training=training))
+    self._setup_classes(self.data.class_names, self.data.class_counts)
+    self.model = fusion.FusionClassifier.from_config(config.model, self.data.vocab_size)
+    if self.data.max_len > config.model.seq_len:
+      raise ConfigError(f'data.max_len={self.data.max_len} exceeds model.seq_len='
+                        f'{config.model.seq_len}; raise model.seq_len or lower data.max_len')
+    self.items_per_step = config.train.batch_size
+
+  def init(self, rng, batch):
+    return self.model.init({'params': rng, 'dropout': rng}, batch['image'], batch['tokens'],
+                           batch['token_mask'], train=False)
+
+  def logits(self, params, model_state, batch, *, train: bool, rng=None):
+    return apply(self.model, params, model_state,
+                 (batch['image'], batch['tokens'], batch['token_mask']), train=train, rng=rng)
+
+  def describe(self) -> list[str]:
+    d, data = self.config.data, self.data
+    counts = ', '.join(f'{n} {c:,}' for n, c in zip(data.class_names, data.class_counts))
+    return [f'manifests in {d.data_dir}, images {"x".join(map(str, data.image_shape))} '
+            f'(alpha: {d.alpha}), {d.tokenizer} tokenizer, vocab {data.vocab_size:,}, '
+            f'{data.max_len} tokens per text', f'classes (train): {counts}'] + [
+                f'{name}: {len(split.text.labels_N):,} examples'
+                for name, split in data.splits.items()]
+
+  def example_batch(self) -> dict:
+    return self.data.example_batch()
+
+  def has_split(self, split: str) -> bool:
+    return self.data.has_split(split)
+
+  def write_files(self, workdir: str) -> None:
+    from lm import data, labelled_text, multimodal  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+      data.save_tokenizer(workdir, self.data.tokenizer)
+    if not os.path.exists(labelled_text.labels_path(workdir)):
+      labelled_text.save_labels(workdir, self.data.class_names)
+    if not os.path.exists(multimodal.stats_path(workdir)):
+      multimodal.save_stats(workdir, self.data.stats)

@@ -26,16 +26,22 @@ def test_experiment_loads_locks_and_builds(path):
   if config.task == 'lm':
     from lm import model  # pylint: disable=g-import-not-at-top
     net = model.Transformer(model.TransformerConfig.from_config(config.model, vocab_size=256))
-    inputs = jnp.zeros((1, config.model.seq_len), jnp.int32)
+    inputs = (jnp.zeros((1, config.model.seq_len), jnp.int32),)
   elif config.task == 'classify_text':
     from lm import model  # pylint: disable=g-import-not-at-top
     net = model.Classifier.from_config(config.model, vocab_size=config.data.vocab_size + 3)
-    inputs = jnp.zeros((1, config.data.max_len or config.model.seq_len), jnp.int32)
+    inputs = (jnp.zeros((1, config.data.max_len or config.model.seq_len), jnp.int32),)
+  elif config.task == 'classify_multimodal':
+    from lm import fusion  # pylint: disable=g-import-not-at-top
+    net = fusion.FusionClassifier.from_config(config.model, vocab_size=config.data.vocab_size + 3)
+    tokens = jnp.zeros((1, config.data.max_len or config.model.seq_len), jnp.int32)
+    inputs = (jnp.zeros((1, config.data.image_size, config.data.image_size, 3)), tokens,
+              tokens == 0)
   else:
     from lm import cnn  # pylint: disable=g-import-not-at-top
     net = cnn.build(config.model)
-    inputs = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  variables = jax.eval_shape(lambda: net.init(jax.random.key(0), inputs, train=False))
+    inputs = (jnp.zeros((1, 32, 32, 3), jnp.float32),)
+  variables = jax.eval_shape(lambda: net.init(jax.random.key(0), *inputs, train=False))
   assert jax.tree.leaves(variables['params'])
   assert config.train.batch_size > 0 and config.optim.lr > 0
 
