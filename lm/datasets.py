@@ -41,6 +41,7 @@ def prepared(path: str) -> list[str]:
 def tfds_info(name: str, path: str):
   """The metadata (tfds.core.DatasetInfo, from dataset_info.json) of dataset `name` prepared in
   data dir `path`, or None when it is not there; reads no example and raises nothing."""
+  tfds = _tfds()
   resolved = os.path.expanduser(path or tfds.core.constants.DATA_DIR)
   if not os.path.isdir(resolved) or name.split(':')[0].split('/')[0] not in prepared(resolved):
     return None
