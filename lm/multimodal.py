@@ -166,9 +166,9 @@ def load_images(manifest: Manifest, size: int, alpha: str) -> np.ndarray:
 
 def hold_out_groups(keys, fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """(train rows, validation rows): a fixed random `fraction` of the distinct keys held out,
-  each with every row that has it (labelled_text.hold_out over the sorted distinct keys)."""
+  each with every row that has it (batches.hold_out over the sorted distinct keys)."""
   distinct, group_N = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
-  _, val_groups = labelled_text.hold_out(len(distinct), fraction)
+  _, val_groups = batches.hold_out(len(distinct), fraction)
   val_N = np.isin(group_N, val_groups)
   return np.flatnonzero(~val_N), np.flatnonzero(val_N)
 
