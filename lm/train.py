@@ -17,12 +17,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from lm import batches
 from lm import checkpoint
 from lm import metrics as metrics_lib
 from lm import optim
+from lm import prune
 from lm import sharding
 from lm import steps as steps_lib
 from lm import tasks
@@ -79,6 +81,8 @@ class Trainer:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
     self.tx, schedule = optim.make(config.optim, self.steps, config.model.num_layers)
+    self.prune = prune.spec(config.prune, self.steps)
+    self.tx = prune.wrap(self.tx, self.prune, config.train)  # Masks are optimizer state.
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
     self._build_state_shardings()
@@ -348,6 +352,10 @@ class Trainer:
     if 'stopped_at' in final:
       return final
     self.task.finish(self.workdir)
+    if self.prune is not None:
+      params = multihost_utils.process_allgather(state.params, tiled=True)  # All processes.
+      if self.is_main:
+        print(prune.write_report(self.workdir, params, self.prune), flush=True)
     if self.is_main:
       workdir_lib.write_json(os.path.join(self.workdir, 'DONE'), {'step': self.steps, **final})
     return final
