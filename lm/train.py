@@ -25,6 +25,7 @@ from lm import checkpoint
 from lm import metrics as metrics_lib
 from lm import optim
 from lm import prune
+from lm import quantize
 from lm import sharding
 from lm import steps as steps_lib
 from lm import tasks
@@ -75,6 +76,8 @@ class Trainer:
     if not read_only:
       self._check_config_drift()
     self.task = tasks.build(config, workdir)
+    # int8 or fake-quantized (QAT) matmuls: the same parameters, another forward pass.
+    self.task.model = quantize.wrap_model(self.task.model, quantize.check(config, read_only))
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
     if config.train.eval_every_epochs > 0:
@@ -274,8 +277,12 @@ class Trainer:
     the workdir is not disturbed) when the workdir is writable; it is always returned.
     """
     # Read-only: a run training in the workdir keeps its in-flight save and its checkpoints.
-    step, state = checkpoint.restore_latest(self.workdir, self.abstract_state,
-                                            then='run --mode=eval again to evaluate')
+    then = 'run --mode=eval again to evaluate'
+    if self.config.quant.export:  # Weights only (python -m lm.quantize).
+      step, state = quantize.restore_latest(self.workdir, self.abstract_state,
+                                            self.config.quant.export, then)
+    else:
+      step, state = checkpoint.restore_latest(self.workdir, self.abstract_state, then=then)
     writable = os.access(self.workdir, os.W_OK)
     self.task.write_reports = writable
     out = self.evaluate(state, self.config.data.eval_split)
