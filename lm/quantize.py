@@ -191,16 +191,32 @@ def wrap_model(model, mode_: str):
   return Intercepted(model, mode_)
 
 
-def check(config, read_only: bool) -> str:
+def saved_export(workdir: str) -> str:
+  """quant.export in a workdir's config.json ('' if none, or no such file)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return ''
+  with open(path) as f:
+    saved = json.load(f)
+  return saved.get('quant', {}).get('export', '')  # Any version's file: older ones lack it.
+
+
+def check(config, workdir: str, read_only: bool) -> str:
   """The mode config.quant asks for, refusing what only an evaluation can do."""
   m = mode(config.quant)
   if config.quant.export not in ('', 'int8', 'float32'):
     raise ConfigError(f"quant.export={config.quant.export!r} must be '', 'int8' or 'float32' "
                       '(lm.quantize sets it)')
-  if not read_only and config.quant.export:
-    raise ConfigError(f'this workdir holds a {config.quant.export} export of weights, for '
-                      '--mode=eval and lm.sample; train (or fine-tune, with --config.init.workdir) '
-                      'from the float run')
+  export = config.quant.export or (saved_export(workdir) if not read_only else '')
+  if not read_only and export:
+    raise ConfigError(f'{workdir} holds an {export} export of weights, for --mode=eval and '
+                      'lm.sample; train elsewhere (to fine-tune, start from the float run with '
+                      '--config.init.workdir)')
+  for item in filter(None, (x.strip() for x in config.init.workdir.split(','))):
+    source = item.partition('=')[2] or item
+    if saved_export(source):
+      raise ConfigError(f'init.workdir {source!r} is an export of quantized weights; start '
+                        'from the float run it came from')
   if not read_only and m == 'int8':
     raise ConfigError('quant.int8 is for evaluation: train with --config.quant.qat=True (or in '
                       'float), then write an int8 checkpoint with python -m lm.quantize')

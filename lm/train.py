@@ -73,11 +73,12 @@ class Trainer:
                         sharding.data_shards(self.mesh), config.train.grad_accum_steps)
     # The source run's model hyperparameters first: they are part of the config resumed.
     self.init_notes = transfer.adopt(config) if config.init.workdir else []
+    quant = quantize.check(config, workdir, read_only)  # Before the drift check: says more.
     if not read_only:
       self._check_config_drift()
     self.task = tasks.build(config, workdir)
     # int8 or fake-quantized (QAT) matmuls: the same parameters, another forward pass.
-    self.task.model = quantize.wrap_model(self.task.model, quantize.check(config, read_only))
+    self.task.model = quantize.wrap_model(self.task.model, quant)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
     if config.train.eval_every_epochs > 0:
