@@ -22,6 +22,7 @@ import numpy as np
 
 from lm import batches
 from lm import checkpoint
+from lm import distill
 from lm import metrics as metrics_lib
 from lm import optim
 from lm import prune
@@ -89,6 +90,13 @@ class Trainer:
     self.tx = prune.wrap(self.tx, self.prune, config.train)  # Masks are optimizer state.
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
+    # A distillation teacher: fixed weights passed to the step as `frozen`, never in the state.
+    self.teacher = None
+    if config.distill.teacher_workdir and not read_only:
+      self.teacher = distill.Teacher(config, self.task, self.mesh, self.example)
+      self.init_notes += self.teacher.notes
+    self.abstract_frozen = () if self.teacher is None else (self.teacher.abstract,)
+    self.frozen = ()
     self._build_state_shardings()
     self._jit_steps()
     self._ckpt = None
@@ -175,7 +183,8 @@ class Trainer:
         functools.partial(steps_lib.train_step, loss_fn=self.task.loss, tx=self.tx, seed=c.seed,
                           grad_accum_steps=c.train.grad_accum_steps,
                           ema_decay=c.train.ema_decay),
-        in_shardings=(self.state_shardings, batch_shardings),
+        in_shardings=(self.state_shardings, batch_shardings,
+                      *([] if self.teacher is None else [self.teacher.shardings])),
         out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.eval_step = jax.jit(
         functools.partial(steps_lib.eval_step, sums_fn=self.task.eval_sums), out_shardings=rep)
@@ -237,9 +246,12 @@ class Trainer:
     CPU, more than everything else) is handed back before the state exists instead of stacking
     on top of it; `jit` keeps the executable for the first step.
     """
-    self.train_step.lower(self.abstract_state, self.abstract_batch()).compile()
+    self.train_step.lower(self.abstract_state, self.abstract_batch(),
+                          *self.abstract_frozen).compile()
     _return_freed_memory()
     state = self.initial_state()
+    if self.teacher is not None:
+      self.frozen = (self.teacher.load(),)
     _return_freed_memory()
     return state
 
@@ -374,7 +386,7 @@ class Trainer:
     final, pending = {}, None
     for step in range(start, self.steps):
       batch = sharding.to_global(self.task.data.train_batch(self._batch_index(step)), self.mesh)
-      state, m = self.train_step(state, batch)
+      state, m = self.train_step(state, batch, *self.frozen)
       if pending is not None:
         log.record(*pending)
       pending = (step, m)
