@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_path = ''      # SentencePiece model file (`python -m lm.tokenizer train`).
   c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
   c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
-  c.data.val_fraction = 0.0       # classify: hold out this fraction of train for validation.
+  # Validation held out of train. classify: this fraction of the examples (0 = none). files:
+  # the last fraction of the bytes (0 = 0.1 when the glob matches one file, else heldout_files).
+  c.data.val_fraction = 0.0
   c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
@@ -68,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
+  c.model.hidden = (128, 64)      # classify, model.name=mlp: widths of the ReLU hidden layers.
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.

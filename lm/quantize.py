@@ -45,6 +45,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import cli
 from lm.config import ConfigError
 
 _QMAX = 127.0
@@ -400,9 +401,9 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   f = flags.FLAGS
   try:
-    if not f.workdir or not f.output:
+    if not cli.WORKDIR.value or not f.output:
       raise ConfigError('--workdir (a training run) and --output (a new directory) are required')
-    report = export(f.workdir, f.output, f.dtype)
+    report = export(cli.WORKDIR.value, f.output, f.dtype)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
@@ -423,9 +424,8 @@ def _parse_flags(argv):
 
 
 if __name__ == '__main__':
-  # Defined here, not on import: lm.model imports this module, and lm.main and lm.sample
-  # define flags of the same names.
-  flags.DEFINE_string('workdir', None, 'A training run (its latest checkpoint).')
+  # Defined here, not on import: lm.model imports this module. --workdir is lm/cli.py's, the
+  # one definition every tool shares (absl refuses a flag defined twice in one process).
   flags.DEFINE_string('output', None, 'New directory for the export.')
   flags.DEFINE_enum('dtype', 'int8', ['int8', 'float32'],
                     'int8 weights and scales, or float32 weights (a same-format baseline).')

@@ -38,8 +38,8 @@ from lm.config import ConfigError, check_values, to_json
 _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                       'train.eval_every_epochs', 'train.eval_batches',
                       'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
-                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
-                      'resume_mismatch')
+                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir',
+                      'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch')
 
 
 class Diverged(RuntimeError):
@@ -63,9 +63,12 @@ class Trainer:
 
   `read_only` (--mode=eval, benchmarks) never writes into the workdir, and opens its
   checkpoints without the clean-up a trainer does, so it may read a run that is training.
+  `shapes_only` (--dry_run) builds everything a plan compiles without loading the data; then
+  `steps` is None when it depends on a dataset size the plan does not know.
   """
 
-  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False):
+  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False,
+               shapes_only: bool = False, training: bool = True):
     self.config, self.workdir, self.read_only = config, workdir, read_only
     self.is_main = jax.process_index() == 0
     check_values(config)
@@ -77,16 +80,18 @@ class Trainer:
     quant = quantize.check(config, workdir, read_only)  # Before the drift check: says more.
     if not read_only:
       self._check_config_drift()
-    self.task = tasks.build(config, workdir)
+    self.task = tasks.build(config, workdir, training=training, shapes_only=shapes_only)
     # int8 or fake-quantized (QAT) matmuls: the same parameters, another forward pass.
     self.task.model = quantize.wrap_model(self.task.model, quant)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
-    if config.train.eval_every_epochs > 0:
+    if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
-    self.tx, schedule = optim.make(config.optim, self.steps, config.model.num_layers)
-    self.prune = prune.spec(config.prune, self.steps)
+    # An unknown length (a plan) changes the schedule's values, not what the step compiles to.
+    self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps,
+                                   config.model.num_layers)
+    self.prune = prune.spec(config.prune, self.steps or config.train.steps)
     self.tx = prune.wrap(self.tx, self.prune, config.train)  # Masks are optimizer state.
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
@@ -298,9 +303,14 @@ class Trainer:
       step, state = checkpoint.restore_latest(self.workdir, self.abstract_state, then=then)
     writable = os.access(self.workdir, os.W_OK)
     self.task.write_reports = writable
-    out = self.evaluate(state, self.config.data.eval_split)
-    if self.config.data.test_split:
-      out.update(self.evaluate(state, self.config.data.test_split, prefix='test'))
+    d = self.config.data
+    out = self.evaluate(state, d.eval_split)
+    if d.test_split:
+      if self.task.has_split(d.test_split):
+        out.update(self.evaluate(state, d.test_split, prefix='test'))
+      elif self.is_main:
+        print(f'no {d.test_split!r} split in {d.data_dir!r}: evaluated {d.eval_split!r} only',
+              flush=True)
     if writable:
       metrics_lib.append_row(self.workdir, step, {**out, 'eval/data_dir': self.config.data.data_dir})
     elif self.is_main:
@@ -593,6 +603,16 @@ class StopFlag:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+  def exiting(self):
+    """The run has stopped and saved. Python restores the default handlers as it shuts down,
+    so a repeat signal then would kill the process and turn exit 0 into -15: ignore it."""
+    if self.requested:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+          signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+          pass
 
   def _handle(self, signum, frame):
     del frame

@@ -19,7 +19,6 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lm import checkpoint

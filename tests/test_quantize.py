@@ -7,10 +7,8 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -137,8 +135,8 @@ def test_every_transformer_matmul_is_quantized_and_ptq_stays_close():
 
 
 def test_cnn_convs_and_denses_are_intercepted(monkeypatch):
-  c = ml_collections.ConfigDict({'name': 'resnet20', 'num_classes': 10, 'dtype': 'float32',
-                                 'width': 0.5, 'dropout': 0.0})
+  c = config_lib.get_config().model
+  c.update(name='resnet20', num_classes=10, dtype='float32', width=0.5, dropout=0.0)
   model = cnn.build(c)
   x = normal((2, 32, 32, 3), 13)
   variables = model.init(jax.random.key(0), x, train=False)
