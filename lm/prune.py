@@ -20,7 +20,8 @@ Masks come from weight magnitudes, recomputed on schedule:
              stay (sparsity 1 - N/M): the layout sparse tensor cores run. Groups run along the
              last contracting axis (`input_axes`), which M must divide.
 By default the kernels of Dense, Einsum and Conv layers are pruned (every parameter with two
-or more axes except embeddings); `prune.params` and `prune.skip` are regexes over paths.
+or more axes except embeddings and biases); `prune.params` and `prune.skip` are regexes over
+paths.
 """
 
 import dataclasses
@@ -38,6 +39,12 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 _NOT_KERNELS = ('embedding', 'pos_embedding')
+
+
+def is_kernel(path: str, ndim: int) -> bool:
+  """A matmul's weight: 2+ axes, not an embedding, not a bias (the fused qkv's is [H, 3, Q])."""
+  name = path.split('/')[-1]
+  return ndim >= 2 and name not in _NOT_KERNELS and not name.endswith('bias')
 
 
 def input_axes(path: str, ndim: int) -> tuple[int, ...]:
@@ -75,7 +82,7 @@ class Spec:
       return False
     if self.params is not None:
       return bool(self.params.search(path))
-    return ndim >= 2 and path.split('/')[-1] not in _NOT_KERNELS
+    return is_kernel(path, ndim)
 
   def sparsity_at(self, step):
     """Target sparsity after the masks computed at `step` (traced or not)."""

@@ -234,7 +234,7 @@ def _path(path) -> str:
 def scale_axes(path: str, ndim: int) -> tuple[int, ...] | None:
   """The axes one scale covers for a stored weight; None for what stays float32 (1-D)."""
   from lm import prune  # pylint: disable=g-import-not-at-top  (input_axes lives with N:M)
-  if ndim < 2:
+  if ndim < 2 or path.split('/')[-1].endswith('bias'):  # The fused qkv's bias is [H, 3, Q].
     return None
   if path.split('/')[-1] in _EMBEDDINGS:
     return tuple(range(1, ndim))  # Per row: a token's vector, and a tied head's channel.

@@ -34,7 +34,7 @@ def layouts(seed=0):
   """Weights shaped as this codebase's layers, plus leaves that are never pruned by default."""
   rng = np.random.default_rng(seed)
   shapes = {'Conv_0': {'kernel': (3, 3, 8, 16), 'bias': (16,)},
-            'block_0': {'attn': {'qkv': (16, 2, 3, 8), 'out': (2, 8, 16)},
+            'block_0': {'attn': {'qkv': (16, 2, 3, 8), 'qkv_bias': (2, 3, 8), 'out': (2, 8, 16)},
                         'norm_attn': {'scale': (16,)}, 'mlp': {'wi': (16, 64), 'wo': (64, 16)}},
             'Dense_0': {'kernel': (16, 12)}, 'embedding': (20, 16), 'pos_embedding': (8, 16)}
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
