@@ -162,6 +162,8 @@ def main():
   student_steps = a.student_steps or a.steps
   runs = {
       'float': (fam['experiment'], [f'--config.train.steps={a.steps}'], dense),
+      # The control: as many more float steps as the pruned and QAT runs fine-tune for.
+      'float, fine-tuned': (fam['experiment'], [], None),
       'pruned 50%': (fam['experiment'], ['--config.prune.sparsity=0.5'], None),
       'pruned 80%': (fam['experiment'], ['--config.prune.sparsity=0.8'], None),
       'pruned 90%': (fam['experiment'], ['--config.prune.sparsity=0.9'], None),
@@ -173,7 +175,7 @@ def main():
       'student, from scratch': (fam['student_experiment'],
                                 [f'--config.train.steps={student_steps}', *fam['student']], None),
   }
-  order = ['float', 'int8 PTQ', 'pruned 50%', 'pruned 80%', 'pruned 90%', 'pruned 2:4',
+  order = ['float', 'int8 PTQ', 'float, fine-tuned', 'pruned 50%', 'pruned 80%', 'pruned 90%', 'pruned 2:4',
            'int8 QAT', 'student, distilled', 'student, from scratch']
   for row in order:
     if only and row not in only or row in results['rows']:
