@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY_LM = os.path.join(HERE, 'tiny_config.py')
 TINY_CNN = os.path.join(HERE, 'tiny_cnn_config.py')
+TINY_TEXT = os.path.join(HERE, 'tiny_text_config.py')
 
 
 def cfg(path, **overrides):
@@ -91,6 +92,31 @@ def test_classifier_distillation_skips_padding_rows(teachers, tmp_path):
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   # The teacher's BatchNorm statistics are its trained ones, not fresh ones.
   assert float(np.abs(jax.tree.leaves(frozen['model_state'])[0]).sum()) > 0
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, '..', 'shared', 'text', 'sms_spam')),
+                    reason='needs ../shared/text/sms_spam')
+def test_text_classifier_distills_from_a_wider_deeper_teacher(tmp_path):
+  teacher_dir = str(tmp_path / 'teacher')
+  train.Trainer(cfg(TINY_TEXT, **{'train.steps': 10, 'train.eval_every': 0,
+                                  'train.checkpoint_every': 10, 'model.num_layers': 2,
+                                  'model.d_model': 32, 'model.dropout': 0.0}), teacher_dir).run()
+  c = cfg(TINY_TEXT, **{'distill.teacher_workdir': teacher_dir, 'distill.alpha': 0.3,
+                        'distill.temperature': 3.0, 'model.dropout': 0.0})
+  trainer = train.Trainer(c, str(tmp_path / 'student'))
+  state = trainer.compile_and_init()
+  frozen = trainer.frozen[0]
+  assert trainer.teacher.param_count > sum(x.size for x in jax.tree.leaves(state.params))
+  batch = dict(trainer.task.data.train_batch(0))
+  batch['valid'] = np.ones(batch['label'].shape, np.float32)
+  batch['valid'][::3] = 0  # Padding rows count nothing in either term.
+  loss, _ = trainer.task.loss(state.params, state.model_state, batch, jax.random.key(0),
+                              frozen=frozen)
+  student = trainer.task.logits(state.params, state.model_state, batch, train=False)[0]
+  teacher = trainer.task.teacher_logits(frozen, batch)
+  assert not np.allclose(student, teacher)
+  want, _ = expected(student, teacher, batch['label'], batch['valid'], 0.3, 3.0)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
 def test_the_teacher_is_an_argument_of_the_step_not_state_or_checkpoint(teachers, tmp_path):
