@@ -94,6 +94,9 @@ class Trainer:
     self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps,
                                    config.model.num_layers)
     self.prune = prune.spec(config.prune, self.steps or config.train.steps)
+    if (self.prune is not None or quant or config.quant.export) and config.model.scan_layers:
+      raise ConfigError('pruning and int8 take each kernel as one layer, and model.scan_layers '
+                        'stacks the blocks\' kernels into one; set model.scan_layers=False')
     self.tx = prune.wrap(self.tx, self.prune, config.train)  # Masks are optimizer state.
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()

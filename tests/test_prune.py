@@ -21,6 +21,7 @@ from lm.config import ConfigError
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY_CNN = os.path.join(HERE, 'tiny_cnn_config.py')
+TINY_LM = os.path.join(HERE, 'tiny_config.py')
 
 
 def prune_cfg(**overrides):
@@ -222,3 +223,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
   assert result.stderr.strip().splitlines() == [result.stderr.strip()]
   assert needle in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('field,value', [('prune.sparsity', 0.5), ('quant.qat', True)])
+def test_stacked_layers_are_refused(tmp_path, field, value):
+  c = config_lib.load(TINY_LM)
+  c.model.scan_layers = True  # Kernels [L, ...]: one "layer" would span every block.
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ConfigError, match='set model.scan_layers=False'):
+    train.Trainer(c, str(tmp_path))
