@@ -135,6 +135,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.init.step = 0                 # That run's checkpoint at this step (0 = latest).
   c.init.skip = ''                # Comma-separated regexes of parameters not to load.
 
+  c.prune = ml_collections.ConfigDict()  # Magnitude pruning (lm/prune.py); off at sparsity 0.
+  c.prune.sparsity = 0.0          # Fraction of the pruned weights set to zero, in [0, 1).
+  c.prune.pattern = 'unstructured'  # Or 'N:M' ('2:4'): N kept in each M consecutive inputs.
+  c.prune.scope = 'layer'         # unstructured: 'layer' (each layer at the sparsity) or 'global'.
+  c.prune.start_step = 0          # Step of the first (or only) pruning.
+  c.prune.end_step = 0            # > start_step: cubic ramp (Zhu & Gupta 2017); 0: one-shot.
+  c.prune.every = 100             # Gradual: steps between mask updates.
+  c.prune.params = ''             # Regex of what to prune ('' = kernels: 2+ dims, no embeddings).
+  c.prune.skip = ''               # Regex of parameters not to prune ('^Conv_0/': a 3-channel stem).
+
+  c.quant = ml_collections.ConfigDict()  # int8 quantization (lm/quantize.py).
+  c.quant.qat = False             # Train with fake int8 weights and activations (straight-through).
+  c.quant.int8 = False            # Run the Dense/Einsum/Conv layers in int8 (eval and sampling).
+  c.quant.export = ''             # lm.quantize's weights-only export: 'int8' or 'float32'.
+
+  c.distill = ml_collections.ConfigDict()  # Knowledge distillation (lm/distill.py).
+  c.distill.teacher_workdir = ''  # A trained run whose logits the student learns from ('' = off).
+  c.distill.alpha = 0.5           # (1 - alpha) * task loss + alpha * T^2 KL(teacher || student).
+  c.distill.temperature = 2.0     # T: both softmaxes are taken at logits / T.
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Pure data parallelism (-1 = fill the remaining devices).
   c.mesh.fsdp = 1                 # Params and optimizer state sharded; batch split too.
@@ -186,6 +206,23 @@ def check_values(config) -> None:
       value = value[part]
     if value not in choices:
       raise ConfigError(f'{field}={value!r} must be one of {", ".join(choices)}')
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config.json over this version's defaults (fields it predates keep theirs)."""
+  config = get_config()
+
+  def overlay(node, values):
+    for key, value in values.items():
+      if key not in node:
+        continue  # A field this version no longer has.
+      if isinstance(value, dict):
+        overlay(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) and value is not None else value
+  with config.unlocked():
+    overlay(config, saved)
+  return config
 
 
 def experiment_module(path: str):

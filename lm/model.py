@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import quantize
 from lm.config import ConfigError
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -66,6 +67,7 @@ class TransformerConfig:
   causal: bool = True  # False: bidirectional attention, for an encoder (never the LM).
   attention: str = 'auto'  # 'auto', 'cudnn', 'xla' or 'einsum'.
   scan_layers: bool = False
+  quant: str = ''  # Matmuls in int8: '' (off), 'fake' (QAT) or 'int8' (lm/quantize.py).
 
   @property
   def head_dim(self) -> int:
@@ -169,15 +171,18 @@ def _param(module, name, init, shape, axes):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
-def _dense(x_BxLxI, w_IxO, dtype, out_dtype=None):
-  """x @ w as one 2-D [B*L, I] matmul.
+def _dense(x_BxLxI, w_IxO, dtype, out_dtype=None, quant=''):
+  """x @ w as one 2-D [B*L, I] matmul; in int8 (per token and output channel) with `quant`.
 
   Contracting a single axis keeps the weight gradient a plain [I, O] matmul; with x 3-D it
   contracts (B, L) and XLA:CPU materialises transposed copies of the activations for it.
   """
   b, length, i = x_BxLxI.shape
-  y = jnp.dot(x_BxLxI.reshape(b * length, i), w_IxO.astype(dtype),
-              preferred_element_type=out_dtype)
+  if quant:
+    y = quantize.dot(x_BxLxI.reshape(b * length, i), w_IxO, dtype, out_dtype, mode=quant)
+  else:
+    y = jnp.dot(x_BxLxI.reshape(b * length, i), w_IxO.astype(dtype),
+                preferred_element_type=out_dtype)
   return y.reshape(b, length, w_IxO.shape[1])
 
 
@@ -309,8 +314,8 @@ class Attention(nn.Module):
     d, h, q = cfg.d_model, cfg.num_heads, cfg.head_dim
     # q, k and v kernels side by side, heads major so a tensor-parallel split stays contiguous.
     w_DxHx3xQ = _param(self, 'qkv', _normal(0.02), (d, h, 3, q), ('embed', 'heads', None, 'kv'))
-    qkv_BxLxHx3xQ = _dense(x_BxLxD, w_DxHx3xQ.reshape(d, h * 3 * q), cfg.dtype).reshape(
-        b, length, h, 3, q)
+    qkv_BxLxHx3xQ = _dense(x_BxLxD, w_DxHx3xQ.reshape(d, h * 3 * q), cfg.dtype,
+                           quant=cfg.quant).reshape(b, length, h, 3, q)
     if cfg.use_bias:
       b_Hx3xQ = _param(self, 'qkv_bias', nn.initializers.zeros, (h, 3, q), ('heads', None, 'kv'))
       qkv_BxLxHx3xQ = qkv_BxLxHx3xQ + b_Hx3xQ.astype(cfg.dtype)
@@ -331,7 +336,7 @@ class Attention(nn.Module):
 
     init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
     wo_HxQxD = _param(self, 'out', init_out, (h, q, d), ('heads', 'kv', 'embed'))
-    y_BxLxD = _dense(out_BxLxHQ, wo_HxQxD.reshape(h * q, d), cfg.dtype)
+    y_BxLxD = _dense(out_BxLxHQ, wo_HxQxD.reshape(h * q, d), cfg.dtype, quant=cfg.quant)
     if cfg.use_bias:
       y_BxLxD = y_BxLxD + _param(self, 'out_bias', nn.initializers.zeros, (d,),
                                  ('embed',)).astype(cfg.dtype)
@@ -374,7 +379,7 @@ class Mlp(nn.Module):
     h_BxLxF = _constrain(h_BxLxF, _MLP)
     init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
     wo_FxD = _param(self, 'wo', init_out, (f, d), ('mlp', 'embed'))
-    y_BxLxD = _dense(h_BxLxF, wo_FxD, cfg.dtype)
+    y_BxLxD = _dense(h_BxLxF, wo_FxD, cfg.dtype, quant=cfg.quant)
     if cfg.use_bias:
       y_BxLxD = y_BxLxD + _param(self, 'wo_bias', nn.initializers.zeros, (d,),
                                  ('embed',)).astype(cfg.dtype)
@@ -383,7 +388,7 @@ class Mlp(nn.Module):
   def _in(self, x_BxLxD, name):
     cfg = self.config
     w_DxF = _param(self, name, _normal(0.02), (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'))
-    h_BxLxF = _dense(x_BxLxD, w_DxF, cfg.dtype)
+    h_BxLxF = _dense(x_BxLxD, w_DxF, cfg.dtype, quant=cfg.quant)
     if cfg.use_bias:
       h_BxLxF = h_BxLxF + _param(self, name + '_bias', nn.initializers.zeros, (cfg.mlp_dim,),
                                  ('mlp',)).astype(cfg.dtype)
@@ -472,7 +477,7 @@ class Transformer(Trunk):
       head_DxV = embedding_VxD.T
     else:
       head_DxV = _param(self, 'head', _normal(0.02), (d, v), ('embed', 'vocab'))
-    logits_BxLxV = _dense(x_BxLxD, head_DxV, cfg.dtype, out_dtype=jnp.float32)
+    logits_BxLxV = _dense(x_BxLxD, head_DxV, cfg.dtype, out_dtype=jnp.float32, quant=cfg.quant)
     if cfg.use_bias:
       logits_BxLxV = logits_BxLxV + _param(self, 'head_bias', nn.initializers.zeros, (v,),
                                            ('vocab',))

@@ -47,7 +47,8 @@ def print_plan(config, target_device: str = '', assumed_mfu: float = 0.4,
   for path, shape, spec in sorted(rows, key=lambda row: _natural(row[0])):
     print(f'{path:<48} {str(shape):<20} {spec}')
 
-  compiled = trainer.train_step.lower(state, trainer.abstract_batch()).compile()
+  compiled = trainer.train_step.lower(state, trainer.abstract_batch(),
+                                      *trainer.abstract_frozen).compile()
   memory = compiled.memory_analysis()
   temp = getattr(memory, 'temp_size_in_bytes', 0) if memory is not None else 0
   params_b = _per_device_bytes(state.params)

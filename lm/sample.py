@@ -101,12 +101,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # Keep orbax's restore chatter off the output.
   # Imported here so sampling code stays usable without the training stack.
-  from lm import checkpoint, data  # pylint: disable=g-import-not-at-top
+  from lm import data, quantize  # pylint: disable=g-import-not-at-top
   from lm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   try:
     if not _WORKDIR.value:
       raise ConfigError('--workdir is required: the directory a training run wrote')
-    config, params = checkpoint.restore_for_inference(_WORKDIR.value)
+    config, params = quantize.restore_for_inference(_WORKDIR.value)  # A run or an export.
     tokenizer = data.load_tokenizer(_WORKDIR.value)
     cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size)
     unknown = tokenizer_lib.unknown_chars(tokenizer, _PROMPT.value)
@@ -116,7 +116,8 @@ def main(argv):
                         f'{", ".join(repr(c) for c in unknown)}; leave them out (the '
                         f'training text of {_WORKDIR.value} never had them)')
     prompt = tokenizer.encode(_PROMPT.value)
-    new = generate(model_lib.Transformer(cfg), params, prompt, _MAX_NEW_TOKENS.value,
+    model = quantize.wrap_model(model_lib.Transformer(cfg), quantize.mode(config.quant))
+    new = generate(model, params, prompt, _MAX_NEW_TOKENS.value,
                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                    rng=jax.random.key(_SEED.value))
   except ConfigError as e:

@@ -64,6 +64,7 @@ class Task:
 
   unit = 'examples'
   write_reports = True  # False for a reader of a workdir it may not write (--mode=eval).
+  teacher = None  # Distillation: the teacher's model (lm/distill.py); its weights are `frozen`.
   plans_without_data = False  # True: takes shapes_only=True, with lm/shapes.py's data.
 
   def __init__(self, config, workdir: str, training: bool = True):
@@ -76,7 +77,15 @@ class Task:
         raise ConfigError(f'train.{name}={train[name]} must be a finite number >= 0')
 
   # Overridden by every task.
-  def init(self, rng, batch):
+  def make_model(self, model_cfg):
+    """This task's model for a config.model: the run's own, or a distillation teacher's."""
+    raise NotImplementedError
+
+  def init(self, rng, batch, model=None):
+    raise NotImplementedError
+
+  def teacher_logits(self, frozen, batch):
+    """The teacher's logits, computed the way the task computes its own."""
     raise NotImplementedError
 
   def loss(self, params, model_state, batch, rng, frozen=None):
@@ -119,6 +128,16 @@ class Task:
   def finish(self, workdir: str) -> None:
     """After the last step (plots)."""
 
+  def distill(self, loss, logits, batch, frozen, weights=None):
+    """(loss, metrics): with a teacher (`frozen` holds its weights), (1 - alpha) * loss +
+    alpha * T^2 KL(teacher_T || student_T) over the examples (or tokens) `weights` selects."""
+    if frozen is None:
+      return loss, {}
+    d = self.config.distill
+    teacher = jax.lax.stop_gradient(self.teacher_logits(frozen, batch))
+    kl = losses.mean(losses.distillation(logits, teacher, d.temperature, weights))
+    return (1 - d.alpha) * loss + d.alpha * kl, {'task_loss': loss, 'distill_kl': kl}
+
   def penalties(self, params) -> jax.Array:
     """train.l1 * sum |w| + train.l2 * 0.5 * sum w^2 over the weights weight decay acts on."""
     train = self.config.train
@@ -153,32 +172,40 @@ class LanguageModel(Task):
 
   def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
     super().__init__(config, workdir, training)
-    from lm import data, model, shapes  # pylint: disable=g-import-not-at-top
+    from lm import data, shapes  # pylint: disable=g-import-not-at-top
     # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
     tokenizer = (data.load_tokenizer(workdir)
                  if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
     self.data = (shapes.text(config, jax.process_count()) if shapes_only else
                  data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count()))
-    self.model_config = model.TransformerConfig.from_config(config.model, self.data.vocab_size)
-    self.model = model.Transformer(self.model_config)
+    self.model = self.make_model(config.model)
+    self.model_config = self.model.config
     self.items_per_step = self.data.tokens_per_batch
 
-  def init(self, rng, batch):
-    return self.model.init({'params': rng, 'dropout': rng}, jnp.zeros_like(batch['tokens']),
-                           train=False)
+  def make_model(self, model_cfg):
+    from lm import model  # pylint: disable=g-import-not-at-top
+    return model.Transformer(model.TransformerConfig.from_config(model_cfg, self.data.vocab_size))
+
+  def init(self, rng, batch, model=None):
+    return (model or self.model).init({'params': rng, 'dropout': rng},
+                                      jnp.zeros_like(batch['tokens']), train=False)
+
+  def teacher_logits(self, frozen, batch):
+    return apply(self.teacher, frozen['params'], frozen['model_state'], (batch['tokens'],),
+                 train=False)[0]
 
   def forward(self, variables, batch):
     return self.model.apply(variables, batch['tokens'], train=False)
 
   def loss(self, params, model_state, batch, rng, frozen=None):
-    del frozen
     logits_BxLxV, model_state = apply(self.model, params, model_state, (batch['tokens'],),
                                       train=True, rng=rng)
     loss = losses.mean(losses.cross_entropy(logits_BxLxV, batch['targets'],
                                             label_smoothing=self.config.train.label_smoothing))
+    loss, distilled = self.distill(loss, logits_BxLxV, batch, frozen)
     accuracy = (logits_BxLxV.argmax(-1) == batch['targets']).mean()
     return loss + self.penalties(params), {'model_state': model_state,
-                                           'metrics': {'accuracy': accuracy}}
+                                           'metrics': {'accuracy': accuracy, **distilled}}
 
   def eval_sums(self, params, model_state, batch):
     logits_BxLxV, _ = apply(self.model, params, model_state, (batch['tokens'],), train=False)
@@ -289,9 +316,13 @@ class Classification(Task):
       raise ConfigError(f'data.positive_label={name!r} is not a class ({", ".join(self.class_names)})')
     return self.class_names.index(name)
 
-  # Subclasses: the model's logits [B, K] for a batch.
-  def logits(self, params, model_state, batch, *, train: bool, rng=None):
+  # Subclasses: the model's (or `model`'s) logits [B, K] for a batch.
+  def logits(self, params, model_state, batch, *, train: bool, rng=None, model=None):
     raise NotImplementedError
+
+  def teacher_logits(self, frozen, batch):
+    return self.logits(frozen['params'], frozen['model_state'], batch, train=False,
+                       model=self.teacher)[0]
 
   def forward(self, variables, batch):
     params = variables['params']
@@ -299,7 +330,6 @@ class Classification(Task):
     return self.logits(params, model_state, batch, train=False)[0]
 
   def loss(self, params, model_state, batch, rng, frozen=None):
-    del frozen
     logits_BxK, model_state = self.logits(params, model_state, batch, train=True, rng=rng)
     labels_B, weights_B = batch['label'], batch['valid']
     if self.class_weights_K is not None:
@@ -311,10 +341,11 @@ class Classification(Task):
       loss = losses.mean(losses.cross_entropy(logits_BxK, labels_B, weights_B,
                                               t.label_smoothing))
     valid_B = batch['valid']
+    loss, distilled = self.distill(loss, logits_BxK, batch, frozen, valid_B)
     accuracy = ((logits_BxK.argmax(-1) == labels_B) * valid_B).sum() / jnp.maximum(
         valid_B.sum(), 1.0)
     return loss + self.penalties(params), {'model_state': model_state,
-                                           'metrics': {'accuracy': accuracy}}
+                                           'metrics': {'accuracy': accuracy, **distilled}}
 
   def eval_sums(self, params, model_state, batch):
     logits_BxK, _ = self.logits(params, model_state, batch, train=False)
@@ -397,22 +428,26 @@ class ImageClassification(Classification):
 
   def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
     super().__init__(config, workdir, training)
-    from lm import cnn, images, shapes  # pylint: disable=g-import-not-at-top
+    from lm import images, shapes  # pylint: disable=g-import-not-at-top
     self.data = (shapes.images(config, jax.process_count()) if shapes_only else
                  images.make_image_data(config, jax.process_index(), jax.process_count()))
     self._setup_classes(self.data.class_names, self.data.class_counts)
-    self.model = cnn.build(config.model)
+    self.model = self.make_model(config.model)
     self.items_per_step = config.train.batch_size
 
-  def init(self, rng, batch):
-    return self.model.init({'params': rng, 'dropout': rng}, jnp.zeros_like(batch['image']),
-                           train=False)
+  def make_model(self, model_cfg):
+    from lm import cnn  # pylint: disable=g-import-not-at-top
+    return cnn.build(model_cfg)
 
-  def logits(self, params, model_state, batch, *, train: bool, rng=None):
+  def init(self, rng, batch, model=None):
+    return (model or self.model).init({'params': rng, 'dropout': rng},
+                                      jnp.zeros_like(batch['image']), train=False)
+
+  def logits(self, params, model_state, batch, *, train: bool, rng=None, model=None):
     image = batch['image']
     if self.data.on_device:  # Stored pixels: augmented (training) and normalised here.
       image = self.data.prepare_on_device(image, jax.random.fold_in(rng, 1) if train else None)
-    return apply(self.model, params, model_state, (image,), train=train, rng=rng)
+    return apply(model or self.model, params, model_state, (image,), train=train, rng=rng)
 
   def describe(self) -> list[str]:
     d, data = self.config.data, self.data
@@ -435,7 +470,7 @@ class TextClassification(Classification):
 
   def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
     super().__init__(config, workdir, training)
-    from lm import data, labelled_text, model, shapes  # pylint: disable=g-import-not-at-top
+    from lm import data, labelled_text, shapes  # pylint: disable=g-import-not-at-top
     if os.path.exists(os.path.join(workdir, 'tokenizer.json')):
       tokenizer = data.load_tokenizer(workdir)
     elif config.init.workdir and not shapes_only:
@@ -456,19 +491,24 @@ class TextClassification(Classification):
                                     jax.process_count(), cls=config.model.pool == 'cls',
                                     train_counts=counts))
     self._setup_classes(self.data.class_names, self.data.class_counts)
-    self.model = model.Classifier.from_config(config.model, self.data.vocab_size)
+    self.model = self.make_model(config.model)
     if self.data.max_len > self.model.config.seq_len:
       raise ConfigError(f'data.max_len={self.data.max_len} exceeds model.seq_len='
                         f'{self.model.config.seq_len}; raise model.seq_len or lower data.max_len')
     self.items_per_step = config.train.batch_size
 
-  def init(self, rng, batch):
-    return self.model.init({'params': rng, 'dropout': rng}, jnp.zeros_like(batch['tokens']),
-                           batch['token_mask'], train=False)
+  def make_model(self, model_cfg):
+    from lm import model  # pylint: disable=g-import-not-at-top
+    return model.Classifier.from_config(model_cfg, self.data.vocab_size)
 
-  def logits(self, params, model_state, batch, *, train: bool, rng=None):
-    return apply(self.model, params, model_state, (batch['tokens'], batch['token_mask']),
-                 train=train, rng=rng)
+  def init(self, rng, batch, model=None):
+    return (model or self.model).init({'params': rng, 'dropout': rng},
+                                      jnp.zeros_like(batch['tokens']), batch['token_mask'],
+                                      train=False)
+
+  def logits(self, params, model_state, batch, *, train: bool, rng=None, model=None):
+    return apply(model or self.model, params, model_state,
+                 (batch['tokens'], batch['token_mask']), train=train, rng=rng)
 
   def describe(self) -> list[str]:
     d, data = self.config.data, self.data

@@ -17,13 +17,17 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from lm import batches
 from lm import checkpoint
+from lm import distill
 from lm import metrics as metrics_lib
 from lm import optim
 from lm import prefetch
+from lm import prune
+from lm import quantize
 from lm import sharding
 from lm import steps as steps_lib
 from lm import tasks
@@ -75,9 +79,12 @@ class Trainer:
                         sharding.data_shards(self.mesh), config.train.grad_accum_steps)
     # The source run's model hyperparameters first: they are part of the config resumed.
     self.init_notes = transfer.adopt(config) if config.init.workdir else []
+    quant = quantize.check(config, workdir, read_only)  # Before the drift check: says more.
     if not read_only:
       self._check_config_drift()
     self.task = tasks.build(config, workdir, training=training, shapes_only=shapes_only)
+    # int8 or fake-quantized (QAT) matmuls: the same parameters, another forward pass.
+    self.task.model = quantize.wrap_model(self.task.model, quant)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
     if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
@@ -86,8 +93,20 @@ class Trainer:
     # An unknown length (a plan) changes the schedule's values, not what the step compiles to.
     self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps,
                                    config.model.num_layers)
+    self.prune = prune.spec(config.prune, self.steps or config.train.steps)
+    if (self.prune is not None or quant or config.quant.export) and config.model.scan_layers:
+      raise ConfigError('pruning and int8 take each kernel as one layer, and model.scan_layers '
+                        'stacks the blocks\' kernels into one; set model.scan_layers=False')
+    self.tx = prune.wrap(self.tx, self.prune, config.train)  # Masks are optimizer state.
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
+    # A distillation teacher: fixed weights passed to the step as `frozen`, never in the state.
+    self.teacher = None
+    if config.distill.teacher_workdir and not read_only:
+      self.teacher = distill.Teacher(config, self.task, self.mesh, self.example)
+      self.init_notes += self.teacher.notes
+    self.abstract_frozen = () if self.teacher is None else (self.teacher.abstract,)
+    self.frozen = ()
     self.prefetch = prefetch.depth(config.data.prefetch, jax.default_backend())
     self._build_state_shardings()
     self._jit_steps()
@@ -175,7 +194,8 @@ class Trainer:
         functools.partial(steps_lib.train_step, loss_fn=self.task.loss, tx=self.tx, seed=c.seed,
                           grad_accum_steps=c.train.grad_accum_steps,
                           ema_decay=c.train.ema_decay),
-        in_shardings=(self.state_shardings, batch_shardings),
+        in_shardings=(self.state_shardings, batch_shardings,
+                      *([] if self.teacher is None else [self.teacher.shardings])),
         out_shardings=(self.state_shardings, rep), donate_argnums=0)
     self.eval_step = jax.jit(
         functools.partial(steps_lib.eval_step, sums_fn=self.task.eval_sums), out_shardings=rep)
@@ -237,9 +257,12 @@ class Trainer:
     CPU, more than everything else) is handed back before the state exists instead of stacking
     on top of it; `jit` keeps the executable for the first step.
     """
-    self.train_step.lower(self.abstract_state, self.abstract_batch()).compile()
+    self.train_step.lower(self.abstract_state, self.abstract_batch(),
+                          *self.abstract_frozen).compile()
     _return_freed_memory()
     state = self.initial_state()
+    if self.teacher is not None:
+      self.frozen = (self.teacher.load(),)
     _return_freed_memory()
     return state
 
@@ -278,8 +301,12 @@ class Trainer:
     the workdir is not disturbed) when the workdir is writable; it is always returned.
     """
     # Read-only: a run training in the workdir keeps its in-flight save and its checkpoints.
-    step, state = checkpoint.restore_latest(self.workdir, self.abstract_state,
-                                            then='run --mode=eval again to evaluate')
+    then = 'run --mode=eval again to evaluate'
+    if self.config.quant.export:  # Weights only (python -m lm.quantize).
+      step, state = quantize.restore_latest(self.workdir, self.abstract_state,
+                                            self.config.quant.export, then)
+    else:
+      step, state = checkpoint.restore_latest(self.workdir, self.abstract_state, then=then)
     writable = os.access(self.workdir, os.W_OK)
     self.task.write_reports = writable
     d = self.config.data
@@ -361,6 +388,10 @@ class Trainer:
     if 'stopped_at' in final:
       return final
     self.task.finish(self.workdir)
+    if self.prune is not None:
+      params = multihost_utils.process_allgather(state.params, tiled=True)  # All processes.
+      if self.is_main:
+        print(prune.write_report(self.workdir, params, self.prune), flush=True)
     if self.is_main:
       workdir_lib.write_json(os.path.join(self.workdir, 'DONE'), {'step': self.steps, **final})
     return final
@@ -372,7 +403,7 @@ class Trainer:
     prefetcher = prefetch.Prefetcher(self._train_batch, self.steps, self.prefetch)
     for step in range(start, self.steps):
       batch = prefetcher.get(step)
-      state, m = self.train_step(state, batch)
+      state, m = self.train_step(state, batch, *self.frozen)
       if pending is not None:
         log.record(*pending)
       pending = (step, m)
