@@ -270,8 +270,17 @@ def _other_value(field, value):
 REFUSED = [f for f, _ in _fields(tiny_cnn()) if not f.startswith(RESUMABLE)]
 
 
-def test_resumable_fields_are_the_documented_ones():
-  assert train._RESUMABLE_CHANGES == RESUMABLE  # pylint: disable=protected-access
+def test_config_drift_allows_the_documented_changes(trained_workdir, capsys):
+  changes = {'train.steps': 3, 'train.log_every': 2, 'train.eval_every': 2,
+             'train.eval_every_epochs': 0.5, 'train.eval_batches': 3,
+             'train.checkpoint_every': 2, 'train.keep_checkpoints': 2, 'train.profile': True,
+             'train.on_nan': 'rollback', 'train.max_rollbacks': 5,
+             'data.data_dir': os.path.join(TFDS, ''), 'mesh.cpu_devices': 1}
+  assert all(f.startswith(RESUMABLE) for f in changes)
+  train.Trainer(tiny_cnn(**changes), str(trained_workdir), devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  for field in changes:
+    assert f'resuming with a changed config: {field}: ' in out
 
 
 @pytest.fixture(scope='module')
