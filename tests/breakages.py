@@ -14,13 +14,16 @@ exactly once is an ERROR: the code moved, and the breakage must be moved with it
 
 First the named tests run once on an unbroken copy (`--no_baseline` skips it): a test that
 fails there would "catch" every breakage. That run also fills a JAX compilation cache that
-the breakage runs share, so they compile only what the breakage changed.
+the breakage runs share, so they compile only what the breakage changed. The cache stays in
+the system's temporary directory for the next run (`--jax_cache=` for a fresh, throwaway
+one); JAX keys it by the program, so a broken program never reuses an unbroken one's code.
 
 Exit status 1 if any breakage survives or errors. Not part of the README's test command: slow.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 import shutil
@@ -42,6 +45,9 @@ class Breakage:
   new: str
   tests: tuple[str, ...]  # Test ids, any of which failing counts as caught (-x: the first).
 
+
+_PADDED_EVAL = ('tests/test_tasks.py::'
+                'test_padded_eval_rows_are_left_out_of_loss_accuracy_and_confusion')
 
 BREAKAGES = (
     # --- The claims of docs/RELIABILITY.md and the README (issue #17) ------------------------
@@ -138,13 +144,14 @@ BREAKAGES = (
         ('tests/test_train.py::test_ema_is_what_eval_and_sampling_use',)),
     Breakage(
         'sample-ignores-ema', 'lm/checkpoint.py',
-        "  params = state['ema_params'] if state.get('ema_params') is not None else state['params']\n",
+        "  params = state['ema_params'] if state.get('ema_params') is not None else "
+        "state['params']\n",
         "  params = state['params']  # BREAKAGE: lm.sample ignores the EMA.\n",
         ('tests/test_train.py::test_ema_is_what_eval_and_sampling_use',)),
     Breakage(
         'ema-decay-reversed', 'lm/steps.py',
         "    ema = optax.incremental_update(params, ema, 1.0 - ema_decay)\n",
-        "    ema = optax.incremental_update(params, ema, ema_decay)  # BREAKAGE: weights swapped.\n",
+        "    ema = optax.incremental_update(params, ema, ema_decay)  # BREAKAGE: swapped.\n",
         ('tests/test_train.py::test_ema_is_what_eval_and_sampling_use',)),
     Breakage(
         'label-smoothing-ignored', 'lm/losses.py',
@@ -167,21 +174,21 @@ BREAKAGES = (
     Breakage(
         'eval-loss-counts-padding', 'lm/tasks.py',
         "    total, count = losses.cross_entropy(logits_BxK, labels_B, valid_B)\n",
-        "    total, count = losses.cross_entropy(logits_BxK, labels_B)  # BREAKAGE: valid ignored.\n",
-        ('tests/test_tasks.py::test_padded_eval_rows_are_left_out_of_loss_accuracy_and_confusion',)),
+        "    total, count = losses.cross_entropy(logits_BxK, labels_B)  # BREAKAGE: no valid.\n",
+        (_PADDED_EVAL,)),
     Breakage(
         'confusion-counts-padding', 'lm/tasks.py',
         "            'confusion': classification.confusion_matrix(preds_B, labels_B, valid_B,\n",
         "            'confusion': classification.confusion_matrix(preds_B, labels_B,  # BREAKAGE\n"
         "                                                         jnp.ones_like(valid_B),\n",
-        ('tests/test_tasks.py::test_padded_eval_rows_are_left_out_of_loss_accuracy_and_confusion',)),
+        (_PADDED_EVAL,)),
     # --- Reliability work since (read-only readers, torn lines, guards, workdir files) ---------
     Breakage(
         'reader-cleans-up', 'lm/checkpoint.py',
         "    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, "
         "create=False,\n"
         "                                           cleanup_tmp_directories=False,\n",
-        "    options = ocp.CheckpointManagerOptions(create=False,  # BREAKAGE: a writer's clean-up.\n"
+        "    options = ocp.CheckpointManagerOptions(create=False,  # BREAKAGE: cleans up.\n"
         "                                           cleanup_tmp_directories=True,\n",
         ('tests/test_checkpoint.py::'
          'test_reader_changes_nothing_and_reads_the_latest_complete_checkpoint',)),
@@ -194,7 +201,7 @@ BREAKAGES = (
         'nan-guard-loss-and-grad-only', 'lm/steps.py',
         "  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &\n"
         "            all_finite((new.params, new.opt_state, new.model_state, new.ema_params)))\n",
-        "  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # BREAKAGE: new state unchecked.\n",
+        "  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # BREAKAGE: not the state.\n",
         ('tests/test_reliability.py::test_a_nan_update_from_finite_gradients_is_guarded',)),
     Breakage(
         'fresh-run-keeps-skipped-steps', 'lm/train.py',
@@ -325,6 +332,9 @@ def main(argv=None) -> int:
                       help='skip the run of the named tests on the unbroken code')
   parser.add_argument('--keep', action='store_true', help='keep the broken copies (path printed)')
   parser.add_argument('-v', '--verbose', action='store_true', help="print pytest's output tail")
+  parser.add_argument('--jax_cache', default=os.path.join(tempfile.gettempdir(),
+                                                          'lm-breakages-jax-cache'),
+                      help="JAX's compilation cache, kept between runs ('' = a fresh one)")
   args = parser.parse_args(argv)
 
   names = [b.name for b in BREAKAGES]
@@ -338,9 +348,14 @@ def main(argv=None) -> int:
     print(f'error: no breakage named {", ".join(unknown)}; --list shows them', file=sys.stderr)
     return 2
   chosen = [b for b in BREAKAGES if not args.only or b.name in args.only]
+  missing = [m for m in ('jax', 'pytest') if importlib.util.find_spec(m) is None]
+  if missing:
+    print(f'error: {sys.executable} has no {", ".join(missing)}; run this with the project\'s '
+          'venv (. .venv/bin/activate)', file=sys.stderr)
+    return 2
 
   workdir = tempfile.mkdtemp(prefix='lm-breakages-')
-  cache_dir = os.path.join(workdir, 'jax-cache')
+  cache_dir = args.jax_cache or os.path.join(workdir, 'jax-cache')
   started = time.time()
   try:
     if not args.no_baseline:

@@ -49,6 +49,17 @@ def all_finite(tree):
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
+def keep_saves(trainer) -> dict:
+  """{step: the state as it was handed to the checkpoint}: the reference a restore must equal."""
+  saved, save = {}, trainer._save
+
+  def saving(step, state):
+    saved[step] = jax.device_get(state)
+    save(step, state)
+  trainer._save = saving
+  return saved
+
+
 def test_divergence_stops_naming_the_step_and_last_good_checkpoint(tmp_path):
   trainer = train.Trainer(tiny_cnn(), str(tmp_path))
   poison(trainer, 7)
@@ -119,17 +130,6 @@ def test_rollback_gives_up_after_max_rollbacks(tmp_path):
   poison(trainer, 3)
   with pytest.raises(train.Diverged, match='after 0 rollbacks|train.on_nan=stop|step 3'):
     trainer.run()
-
-
-def keep_saves(trainer) -> dict:
-  """{step: the state as it was handed to the checkpoint}: the reference a restore must equal."""
-  saved, save = {}, trainer._save
-
-  def saving(step, state):
-    saved[step] = jax.device_get(state)
-    save(step, state)
-  trainer._save = saving
-  return saved
 
 
 def test_nonfinite_step_leaves_the_state_unchanged(tmp_path):
