@@ -1,4 +1,6 @@
-"""GPT-2 small (124M) on accelerators: 12 layers, 12 heads, 768 wide, context 1024, bfloat16.
+"""GPT-2 small's shape on accelerators: 12 layers, 12 heads, 768 wide, context 1024, bfloat16.
+
+124M parameters with GPT-2's 50,257-token vocab; 85.9M with the byte vocab (256) used here.
 
   python -m lm.main --config=experiments/gpt2_small.py --workdir=/tmp/gpt2 \
       --config.data.name='files:/data/openwebtext/*.txt' --config.mesh.fsdp=-1 --config.mesh.data=1

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 
 from launch import _cli
 from launch import _trials
@@ -80,10 +81,22 @@ def swept_keys(rows: list[dict]) -> list[str]:
   return keys
 
 
-def _fmt(v) -> str:
-  if v is None:
-    return ''
-  return f'{v:.4g}' if isinstance(v, float) else str(v)
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def column_format(values: list):
+  """One format for a whole column, so its numbers line up and read alike: integers as such,
+  other numbers fixed to 4 decimals, or all in 3-digit scientific notation when one of them
+  is below 0.01 or at least 1e5 (learning rates: 1.00e-03, 3.00e-03)."""
+  present = [v for v in values if v is not None]
+  if not present or not all(_is_number(v) for v in present):
+    return lambda v: '' if v is None else str(v)
+  if all(isinstance(v, int) for v in present):
+    return lambda v: '' if v is None else f'{v:d}'
+  sizes = [abs(v) for v in present if v and math.isfinite(v)]
+  scientific = bool(sizes) and (min(sizes) < 1e-2 or max(sizes) >= 1e5)
+  return lambda v: '' if v is None else f'{v:.2e}' if scientific else f'{v:.4f}'
 
 
 def table(rows: list[dict], metric: str) -> tuple[list[str], list[list]]:
@@ -96,15 +109,22 @@ def table(rows: list[dict], metric: str) -> tuple[list[str], list[list]]:
 
 
 def markdown(header: list[str], body: list[list]) -> str:
+  formats = [column_format([row[i] for row in body]) for i in range(len(header))]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(_fmt(v) for v in row) + ' |' for row in body]
+  lines += ['| ' + ' | '.join(f(v) for f, v in zip(formats, row)) + ' |' for row in body]
   return '\n'.join(lines) + '\n'
 
 
-def _log_x(values: list) -> bool:
-  """Log x axis when the (positive, numeric) values span at least a decade."""
-  nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-  return len(nums) == len(values) and min(nums) > 0 and max(nums) / min(nums) >= 10
+# Fields swept by factors, not steps: a log axis even over less than a decade.
+_RATES = re.compile(r'(^|_)(lr|learning_rate)$|^(weight_decay|eps|l1|l2)$')
+
+
+def _log_x(values: list, key: str = '') -> bool:
+  """Log x axis for positive numbers that are rates (optim.lr, ...) or span at least a decade."""
+  nums = [v for v in values if _is_number(v)]
+  if not nums or len(nums) != len(values) or min(nums) <= 0:
+    return False
+  return bool(_RATES.search(key.split('.')[-1])) or max(nums) / min(nums) >= 10
 
 
 def plot(rows: list[dict], metric: str, path: str):
@@ -127,7 +147,7 @@ def plot(rows: list[dict], metric: str, path: str):
       ax.set_xticks(range(len(labels)), labels)
       xs = [labels.index(str(x)) for x in xs]
     ax.scatter(xs, [y for _, y in points])
-    if numeric and xs and _log_x(xs):
+    if numeric and xs and _log_x(xs, key):
       ax.set_xscale('log')
     ax.set(xlabel=key, ylabel=f'final {metric}', title=f'{metric} vs {key}')
     ax.grid(alpha=0.3)

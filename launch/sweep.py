@@ -2,6 +2,8 @@
 
   python -m launch.sweep --config=experiments/shakespeare_char.py --sweep_dir=/tmp/sw \
       --parallel=2 -- --config.train.steps=200
+  python -m launch.sweep --config=experiments/quickstart.py --sweep_dir=/tmp/sw \
+      --grid optim.lr=1e-3,3e-3 --grid seed=0,1     # any experiment: a grid of its fields
   python -m launch.sweep --config=... --sweep_dir=/shared/sw --backend=slurm --submit
   python -m launch.sweep summarize /tmp/sw [--metric=eval/loss] [--mode=min]
 
@@ -30,10 +32,15 @@ def parse_run(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   own, extra = _cli.split(argv)
   p = argparse.ArgumentParser(
       prog='python -m launch.sweep', description=__doc__.split('\n')[0],
-      usage='%(prog)s --config=FILE --sweep_dir=DIR [flags] [-- args for every trial]\n'
+      usage='%(prog)s --config=FILE --sweep_dir=DIR [--grid FIELD=V1,V2 ...] [flags] '
+            '[-- args for every trial]\n'
             '       %(prog)s summarize DIR [--metric=eval/loss] [--mode=min]')
   p.add_argument('--config', required=True, help='Experiment file with get_config() and sweep().')
   p.add_argument('--sweep_dir', required=True, help='One workdir per trial goes here.')
+  p.add_argument('--grid', action='append', default=[], metavar='FIELD=V1,V2',
+                 help="An axis to sweep instead of the file's sweep(); repeat it for the product "
+                      'of several. Values take the type of the config field (1e3 is an int '
+                      'for train.steps).')
   p.add_argument('--backend', choices=('local', 'slurm'), default='local')
   p.add_argument('--parallel', type=int, default=0,
                  help='Trials at once (local default 1; slurm default: no limit).')
@@ -204,7 +211,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ['trial']:
       return run_trial(argv[1:])
     args, extra = parse_run(argv)
-    spec = _trials.expand(args.config, args.sweep_dir, extra)
+    spec = _trials.expand(args.config, args.sweep_dir, extra, args.grid)
     if args.dry_run and args.backend == 'local':
       print(json.dumps(spec, indent=1))
       return 0

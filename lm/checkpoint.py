@@ -26,8 +26,13 @@ def _directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """The training run's manager, or with `read_only` a reader's (see `reader`)."""
+def manager(workdir: str, keep: int = 3, read_only: bool = False,
+            handler=None) -> ocp.CheckpointManager:
+  """The training run's manager, or with `read_only` a reader's (see `reader`).
+
+  `handler` defaults to orbax's StandardCheckpointHandler; a PyTreeCheckpointHandler reads
+  the same files and can restore part of the tree (lm.transfer reads only the weights).
+  """
   if read_only:
     # Orbax's defaults write on open: `create` makes the directory, `cleanup_tmp_directories`
     # deletes the save the trainer has in flight (it killed a run that was being sampled).
@@ -48,12 +53,12 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
   # restore, which restoring onto a different device count (sampling on one device what
   # training wrote on several) needs.
   return ocp.CheckpointManager(_directory(workdir), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+                               item_handlers=handler or ocp.StandardCheckpointHandler())
 
 
-def reader(workdir: str) -> ocp.CheckpointManager:
+def reader(workdir: str, handler=None) -> ocp.CheckpointManager:
   """A manager that only reads: safe to open while another process trains in `workdir`."""
-  return manager(workdir, read_only=True)
+  return manager(workdir, read_only=True, handler=handler)
 
 
 def latest_step(workdir: str) -> int | None:

@@ -17,6 +17,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from lm.config import ConfigError
+from lm.config import get_config as base_config
 
 _BN_MOMENTUM = 0.9  # Flax's convention: running = 0.9 * running + 0.1 * batch.
 _BN_EPSILON = 1e-5
@@ -348,6 +349,13 @@ def _check(model_cfg) -> None:
                       f'(it applies to {", ".join(_HAS_WIDTH)})')
   if model_cfg.width <= 0:
     raise ConfigError(f'model.width must be positive, got {model_cfg.width}')
+  hidden = tuple(model_cfg.hidden)
+  if not hidden or not all(isinstance(w, int) and w > 0 for w in hidden):
+    raise ConfigError(f'model.hidden={model_cfg.hidden!r} must be one or more positive widths, '
+                      'e.g. --config.model.hidden="(512, 256)"')
+  if hidden != tuple(base_config().model.hidden) and model_cfg.name != 'mlp':
+    raise ConfigError(f'model {model_cfg.name!r} has no hidden-width list; leave model.hidden '
+                      'at its default (it applies to mlp)')
   if model_cfg.dropout > 0 and model_cfg.name != 'wrn28_10':
     raise ConfigError(f'model {model_cfg.name!r} has no dropout; set model.dropout=0 '
                       '(only wrn28_10 uses it)')
@@ -365,7 +373,7 @@ def build(model_cfg) -> nn.Module:
   if name == 'simple_cnn':
     return SimpleCNN(k, dtype=dtype)
   if name == 'mlp':
-    return MLP(k, dtype=dtype)
+    return MLP(k, hidden=tuple(model_cfg.hidden), dtype=dtype)
   if name in _RESNET_DEPTHS:
     return CifarResNet(k, blocks=(_RESNET_DEPTHS[name] - 2) // 6,
                        widths=scaled((16, 32, 64)), dtype=dtype)

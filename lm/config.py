@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_path = ''      # SentencePiece model file (`python -m lm.tokenizer train`).
   c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
   c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
-  c.data.val_fraction = 0.0       # classify: hold out this fraction of train for validation.
+  # Validation held out of train. classify: this fraction of the examples (0 = none). files:
+  # the last fraction of the bytes (0 = 0.1 when the glob matches one file, else heldout_files).
+  c.data.val_fraction = 0.0
   c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
@@ -68,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
   c.model.num_classes = 10        # classify: number of classes.
   c.model.width = 1.0             # classify: width multiplier where the model has one (0.5: half).
+  c.model.hidden = (128, 64)      # classify, model.name=mlp: widths of the ReLU hidden layers.
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000            # Optimizer steps.
@@ -107,6 +110,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.nesterov = False        # sgd Nesterov momentum.
   c.optim.weight_decay = 0.1      # Decoupled weight decay (not on biases, norms, embeddings).
   c.optim.clip_norm = 1.0         # Global gradient-norm clip (0 = off).
+  c.optim.freeze = ''             # Regex over parameter paths ('block_0/attn/qkv'): not trained.
+  c.optim.unfreeze_at = 0         # > 0: the frozen parameters train from this step on.
+  c.optim.lr_mults = ''           # 'regex=mult,...': those parameters' lr times mult (first wins).
+  c.optim.layer_decay = 0.0       # Transformers: lr x decay^(depth from the top) per layer; 0 off.
+
+  c.init = ml_collections.ConfigDict()  # Start from another run's weights (fine-tuning).
+  c.init.workdir = ''             # A run dir (its latest checkpoint), or 'prefix=dir,...' per part.
+  c.init.step = 0                 # That run's checkpoint at this step (0 = latest).
+  c.init.skip = ''                # Comma-separated regexes of parameters not to load.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Pure data parallelism (-1 = fill the remaining devices).
@@ -134,6 +146,7 @@ _NUMBERS = (
     ('optim.decay_steps', 0, True), ('optim.step_factor', 0, True), ('optim.b1', 0, True),
     ('optim.b2', 0, True), ('optim.eps', 0, True), ('optim.momentum', 0, True),
     ('optim.weight_decay', 0, True), ('optim.clip_norm', 0, True),
+    ('optim.unfreeze_at', 0, True), ('init.step', 0, True),
 )
 _BELOW_ONE = ('train.ema_decay', 'optim.b1', 'optim.b2', 'optim.momentum')
 _CHOICES = (('train.on_nan', ('stop', 'rollback')), ('resume_mismatch', ('error', 'ignore')))

@@ -28,17 +28,20 @@ _FILES = 'files:'
 # (or configs) are scored on the same windows and their losses compare without sampling noise.
 _EVAL_STREAM = 0x5EED_E7A1
 _SPLIT_IDS = {'train': 0, 'eval': 1, 'test': 2}
+_ONE_FILE_VAL_FRACTION = 0.1  # A files: corpus of one file (an input.txt): nanoGPT's 90/10.
 
 
 def load_text(data_cfg) -> tuple[str, str]:
   """Returns (train_text, eval_text) for `data_cfg.name`, a TFDS name or 'files:<glob>'."""
+  if data_cfg.name.startswith(_FILES):
+    return tuple(_load_files(data_cfg, ('train', 'eval')))
   return load_split(data_cfg, 'train'), load_split(data_cfg, 'eval')
 
 
 def load_split(data_cfg, which: str) -> str:
   """Returns the text of split `which`: 'train', 'eval' or 'test' (the config's splits)."""
   if data_cfg.name.startswith(_FILES):
-    return _load_files(data_cfg, which)
+    return _load_files(data_cfg, (which,))[0]
   return _load_tfds(data_cfg, f'{which}_split')
 
 
@@ -61,22 +64,45 @@ def _load_tfds(data_cfg, field: str) -> str:
 # files:<glob>.
 
 
-def _split_files(data_cfg) -> tuple[list[str], list[str]]:
-  """(train files, heldout files): sorted glob matches, the last `heldout_files` held out."""
+def _split_files(data_cfg) -> tuple[list[str], list[str], float]:
+  """(train files, held-out files, val_fraction): how a files: corpus splits.
+
+  A val_fraction > 0 makes the last fraction of the bytes of all the files the validation
+  split (nanoGPT's 90/10 cut), and no file is held out; 0 means 0.1 when the glob matches one
+  file, else the last `heldout_files` of the sorted matches are the validation split.
+  """
   pattern = os.path.expanduser(data_cfg.name[len(_FILES):])
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not paths:
     raise ConfigError(f'{data_cfg.name!r} matched no files; fix the glob (quote it so the shell '
                       "leaves it alone, '**' recurses)")
+  fraction = data_cfg.val_fraction
+  if not 0 <= fraction < 1:
+    raise ConfigError(f'data.val_fraction={fraction} must be in [0, 1); 0.1 holds out the last '
+                      '10% of the bytes')
+  if fraction == 0 and len(paths) == 1:
+    fraction = _ONE_FILE_VAL_FRACTION
+  if fraction:
+    return paths, [], fraction
+  instead = '; or --config.data.val_fraction=0.1 validates on the last 10% of the bytes instead'
   heldout = data_cfg.heldout_files
   if heldout < 1:
-    raise ConfigError(f'heldout_files={heldout}: files: needs at least one validation file; '
-                      'set --config.data.heldout_files=1 or more')
+    raise ConfigError(f'heldout_files={heldout}: files: needs validation text; set '
+                      f'--config.data.heldout_files=1 or more{instead}')
   if len(paths) < heldout + 1:
     raise ConfigError(f'{data_cfg.name!r} matched {len(paths)} file(s) but heldout_files='
                       f'{heldout} needs {heldout + 1} (at least one to train on); add files or '
-                      'lower --config.data.heldout_files')
-  return paths[:-heldout], paths[-heldout:]
+                      f'lower --config.data.heldout_files{instead}')
+  return paths[:-heldout], paths[-heldout:], 0.0
+
+
+def _cut(text: str, fraction: float) -> tuple[str, str]:
+  """(first part, last `fraction` of the UTF-8 bytes), cut before a character, never in one."""
+  raw = text.encode('utf-8')
+  cut = int(len(raw) * (1 - fraction))  # As nanoGPT: train = data[:int(n * 0.9)].
+  while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # A UTF-8 continuation byte.
+    cut -= 1
+  return raw[:cut].decode('utf-8'), raw[cut:].decode('utf-8')
 
 
 def _read_files(paths: list[str], max_bytes: int) -> tuple[str, dict[str, str]]:
@@ -123,13 +149,23 @@ def _not_text(raw: bytes, text: str) -> str:
   return ''
 
 
-def _load_files(data_cfg, which: str) -> str:
-  if which == 'test':
-    raise ConfigError("files: datasets have only train and heldout files; set "
+def _load_files(data_cfg, which: tuple[str, ...]) -> list[str]:
+  """The text of each split in `which` ('train', 'eval'), each file read once."""
+  if 'test' in which:
+    raise ConfigError("files: datasets have only train and validation text; set "
                       "--config.data.test_split='' or use a TFDS dataset")
-  train, heldout = _split_files(data_cfg)
+  train, heldout, fraction = _split_files(data_cfg)
+  if fraction:
+    # max_bytes caps the whole read, before the cut.
+    parts = dict(zip(('train', 'eval'), _cut(_checked(data_cfg, train), fraction)))
+    return [parts[w] for w in which]
   # max_bytes caps each split on its own, so capping never empties the (last) heldout files.
-  text, problems = _read_files(train if which == 'train' else heldout, data_cfg.max_bytes)
+  return [_checked(data_cfg, train if w == 'train' else heldout) for w in which]
+
+
+def _checked(data_cfg, paths: list[str]) -> str:
+  """The files' text; an error for binary files under the char tokenizer, else a warning."""
+  text, problems = _read_files(paths, data_cfg.max_bytes)
   if not problems:
     return text
   binary = {p: why for p, why in problems.items() if why.startswith(_BINARY)}
@@ -247,8 +283,14 @@ def make_text_data(config, tokenizer=None, process_index: int = 0,
   data = TextData(tokenizer, splits, batch_size=config.train.batch_size, seq_len=seq_len,
                   seed=config.seed, process_index=process_index, process_count=process_count)
   if data_cfg.name.startswith(_FILES):
-    train, heldout = _split_files(data_cfg)
-    data.files = {'train files': _list(train), 'held-out files': _list(heldout)}
+    train, heldout, fraction = _split_files(data_cfg)
+    if heldout:
+      data.files = {'train files': _list(train), 'held-out files': _list(heldout)}
+    else:
+      why = (f'data.val_fraction={fraction:g}' if data_cfg.val_fraction else
+             'data.val_fraction=0 means 0.1 for a single file')
+      data.files = {'files': _list(train),
+                    'validation': f'the last {fraction * 100:g}% of their bytes ({why})'}
   return data
 
 

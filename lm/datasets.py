@@ -33,6 +33,19 @@ def prepared(path: str) -> list[str]:
   return sorted({os.path.relpath(p, path).split(os.sep)[0] for p in infos})
 
 
+def tfds_info(name: str, path: str):
+  """The metadata (tfds.core.DatasetInfo, from dataset_info.json) of dataset `name` prepared in
+  data dir `path`, or None when it is not there; reads no example and raises nothing."""
+  resolved = os.path.expanduser(path or tfds.core.constants.DATA_DIR)
+  if not os.path.isdir(resolved) or name.split(':')[0].split('/')[0] not in prepared(resolved):
+    return None
+  try:
+    builder = tfds.builder(name, data_dir=resolved)
+  except Exception:  # pylint: disable=broad-except  An unknown name or version: no metadata.
+    return None
+  return builder.info if builder.is_prepared() else None
+
+
 def tfds_builder(name: str, path: str, features: dict[str, str] | None = None):
   """The builder of dataset `name` already prepared in data dir `path`.
 

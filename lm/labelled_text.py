@@ -25,12 +25,14 @@ import tensorflow_datasets as tfds
 
 from lm import batches
 from lm import tokenizer as tokenizer_lib
+from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 _FORMATS = ('.csv', '.tsv', '.jsonl')
 _VAL_SEED = 0       # As images.hold_out: the held-out examples do not move with `config.seed`.
 _READ_CHUNK = 2000  # TFDS examples per `__getitems__` call.
 _LABELS_FILE = 'labels.json'
+_TRAIN_COUNTS_FILE = 'train_counts.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +353,30 @@ def load_labels(workdir: str) -> tuple[str, ...]:
   return tuple(names)
 
 
+def train_counts_path(workdir: str) -> str:
+  return os.path.join(workdir, _TRAIN_COUNTS_FILE)
+
+
+def save_train_counts(workdir: str, names, counts_K) -> None:
+  """Writes the train split's examples per class, which evaluation needs without the split
+  (the class weights, the steps of an epoch)."""
+  workdir_lib.write_json(train_counts_path(workdir),
+                         {name: int(n) for name, n in zip(names, counts_K)})
+
+
+def load_train_counts(workdir: str, names) -> np.ndarray | None:
+  """int64 [K] in the order of `names`, or None for a run that did not save them."""
+  path = train_counts_path(workdir)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    counts = json.load(f)
+  if not isinstance(counts, dict) or set(counts) != set(names):
+    raise ConfigError(f'{path!r} does not count the classes of labels.json; delete it and '
+                      'retrain')
+  return np.array([counts[name] for name in names], np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokens.
 
@@ -404,21 +430,30 @@ class TextClassData:
 
   def __init__(self, splits: dict[str, Split], class_names, tokenizer, *, batch_size: int,
                seed: int, cls: bool = False, oversample: bool = False, process_index: int = 0,
-               process_count: int = 1, eval_batch_size: int = 0, loader=None):
+               process_count: int = 1, eval_batch_size: int = 0, loader=None,
+               max_len: int = 0, class_counts=None):
+    """`splits` has 'train', or (evaluation only) not: then `max_len` and the train split's
+    `class_counts` (saved by the training run) stand in for it."""
     self.splits = splits  # 'train', maybe 'validation'; others join on first use.
     self.class_names = tuple(class_names)
     self.num_classes = len(self.class_names)
     self.tokenizer = tokenizer
     self.specials = tokenizer_lib.specials(tokenizer)
     self.cls = cls
-    self.max_len = splits['train'].tokens_NxL.shape[1]
     self.batch_size = batch_size  # Global.
     self.eval_batch_size = batches.eval_batch_size(eval_batch_size, batch_size)
-    labels_N = splits['train'].labels_N
-    self.class_counts = np.bincount(labels_N, minlength=self.num_classes)  # [K], for weights.
-    weights_N = 1.0 / self.class_counts[labels_N] if oversample else None
-    self._rows = batches.Rows(len(labels_N), batch_size, seed, process_index=process_index,
-                              process_count=process_count, weights_N=weights_N)
+    weights_N = None
+    if 'train' in splits:
+      self.max_len = splits['train'].tokens_NxL.shape[1]
+      labels_N = splits['train'].labels_N
+      self.class_counts = np.bincount(labels_N, minlength=self.num_classes)  # [K], for weights.
+      weights_N = 1.0 / self.class_counts[labels_N] if oversample else None
+    else:
+      self.max_len = max_len
+      self.class_counts = np.asarray(class_counts, np.int64)
+    self._rows = batches.Rows(int(self.class_counts.sum()), batch_size, seed,
+                              process_index=process_index, process_count=process_count,
+                              weights_N=weights_N)
     self._loader = loader  # split name -> Split, for splits first asked for in eval_batches.
     list(self._rows.eval(0, self.eval_batch_size))  # Its batch check, now rather than mid-run.
 
@@ -449,10 +484,21 @@ class TextClassData:
             'label': split.labels_N[rows_B],
             'valid': valid_B.astype(np.float32)}
 
+  def example_batch(self) -> dict[str, np.ndarray]:
+    """One all-padding row with a training batch's keys, shapes and dtypes (for init)."""
+    return {'tokens': np.full((1, self.max_len), self.pad_id, np.int32),
+            'token_mask': np.zeros((1, self.max_len), bool),
+            'label': np.zeros((1,), np.int32), 'valid': np.zeros((1,), np.float32)}
+
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global training batch of step `step`."""
+    if 'train' not in self.splits:
+      raise ConfigError('this data was loaded to evaluate a trained run; it has no train split')
     rows_B = self._rows.local(self._rows.train(step))
     return self._batch(self.splits['train'], rows_B, np.ones(len(rows_B), bool))
+
+  def has_split(self, name: str) -> bool:
+    return name in self.splits or (self._loader is not None and self._loader.has(name))
 
   def split(self, name: str) -> Split:
     if name not in self.splits:
@@ -468,14 +514,47 @@ class TextClassData:
             for rows_B, valid_B in self._rows.eval(len(data.labels_N), self.eval_batch_size)]
 
 
+def _held_out(d, train: Examples) -> tuple[Examples, Examples]:
+  """(train, validation): `data.val_fraction` of the train split, the same rows every time."""
+  train_rows, val_rows = hold_out(len(train.texts), d.val_fraction)
+  if not len(val_rows):
+    raise ConfigError(f'data.val_fraction={d.val_fraction} holds out no example of '
+                      f'{len(train.texts)}; raise it or set it to 0')
+  return train.take(train_rows), train.take(val_rows)
+
+
+class _Loader:
+  """Reads and tokenizes a split on first use. 'validation' comes out of the train split when
+  data.val_fraction > 0 and the dataset has no validation split of its own."""
+
+  def __init__(self, data_cfg, tokenized):
+    self.d, self.tokenized = data_cfg, tokenized
+
+  def _holds_out(self, split: str) -> bool:
+    return (split == 'validation' and self.d.val_fraction > 0 and
+            not has_split(self.d, 'validation'))
+
+  def has(self, split: str) -> bool:
+    return has_split(self.d, self.d.train_split if self._holds_out(split) else split)
+
+  def __call__(self, split: str) -> Split:
+    if self._holds_out(split):
+      return self.tokenized(_held_out(self.d, read_split(self.d, self.d.train_split))[1])
+    return self.tokenized(read_split(self.d, split))
+
+
 def make(config, tokenizer=None, labels=None, process_index: int = 0, process_count: int = 1,
-         *, cls: bool = False) -> TextClassData:
+         *, cls: bool = False, train_counts=None) -> TextClassData:
   """Reads, tokenizes and batches the dataset `config.data` names.
 
   `tokenizer` and `labels` (class names, e.g. reloaded from the workdir on resume) skip
   building them from the train split. `cls` is the model's to ask for: a model that pools at
   a [CLS] token gets it first in every row. The train, eval and test splits are read now, so a
   bad file fails before training starts; other splits load on first `eval_batches`.
+
+  `train_counts` (the train split's class counts, saved by the run that trained) builds data
+  to evaluate with: it needs `tokenizer` and `labels`, reads the eval split now and nothing
+  else (a held-out validation split reads train), so it works on a dir holding only that.
   """
   d = config.data
   max_len = d.max_len or config.model.seq_len
@@ -485,6 +564,17 @@ def make(config, tokenizer=None, labels=None, process_index: int = 0, process_co
   if not 0 <= d.val_fraction < 1:
     raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
   batches.check_batch(config.train.batch_size, process_count)
+  common = dict(batch_size=config.train.batch_size, seed=config.seed, cls=cls,
+                oversample=d.oversample, process_index=process_index,
+                process_count=process_count, eval_batch_size=d.eval_batch_size)
+  if train_counts is not None:
+    if tokenizer is None or labels is None:
+      raise ValueError('evaluation data needs the saved tokenizer and labels')
+    load = _Loader(d, lambda examples: make_split(examples, labels, tokenizer, max_len, cls,
+                                                  saved_labels=True))
+    splits = {d.eval_split: load(d.eval_split)} if d.eval_split else {}
+    return TextClassData(splits, labels, tokenizer, loader=load, max_len=max_len,
+                         class_counts=train_counts, **common)
   train = read_split(d, d.train_split)
   names = tuple(labels) if labels is not None else label_vocab(train)
   val = None
@@ -492,24 +582,16 @@ def make(config, tokenizer=None, labels=None, process_index: int = 0, process_co
     if has_split(d, 'validation'):
       raise ConfigError(f'data.val_fraction={d.val_fraction} but the dataset has its own '
                         "'validation' split; set --config.data.val_fraction=0")
-    train_rows, val_rows = hold_out(len(train.texts), d.val_fraction)
-    if not len(val_rows):
-      raise ConfigError(f'data.val_fraction={d.val_fraction} holds out no example of '
-                        f'{len(train.texts)}; raise it or set it to 0')
-    train, val = train.take(train_rows), train.take(val_rows)
+    train, val = _held_out(d, train)
   if tokenizer is None:
     # Train texts only. A newline is no word, and at worst one unused char id.
     tokenizer = tokenizer_lib.build(d, '\n'.join(train.texts))
-  tokenized = lambda examples: make_split(examples, names, tokenizer, max_len, cls,
-                                         saved_labels=labels is not None)
-  load = lambda split: tokenized(read_split(d, split))
-  splits = {'train': tokenized(train)}
+  load = _Loader(d, lambda examples: make_split(examples, names, tokenizer, max_len, cls,
+                                                saved_labels=labels is not None))
+  splits = {'train': load.tokenized(train)}
   if val is not None:
-    splits['validation'] = tokenized(val)
+    splits['validation'] = load.tokenized(val)
   for split in (d.eval_split, d.test_split):
     if split and split not in splits:
       splits[split] = load(split)
-  return TextClassData(splits, names, tokenizer, batch_size=config.train.batch_size,
-                       seed=config.seed, cls=cls, oversample=d.oversample,
-                       process_index=process_index, process_count=process_count,
-                       eval_batch_size=d.eval_batch_size, loader=load)
+  return TextClassData(splits, names, tokenizer, loader=load, **common)

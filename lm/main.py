@@ -15,18 +15,21 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from lm import cli
 from lm.config import ConfigError, num_processes, split_cpu_devices
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
+_WORKDIR = cli.WORKDIR
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train, or evaluate the latest '
                           'checkpoint on data.eval_split (and data.test_split).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the mesh, shardings, memory and FLOPs '
                              'plan, then exit without training.')
 _PLAN_DEVICE = flags.DEFINE_string('plan_device', '', '--dry_run: predict the step time on '
                                    'this device kind (e.g. H100, "TPU v5p"); default: this one.')
+_PLAN_DATA = flags.DEFINE_bool('plan_data', False, '--dry_run: read the dataset for the exact '
+                               'vocab and epoch size instead of planning from the config.')
 
 _BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py')
 _USAGE = """usage: python -m lm.main --config=experiments/<name>.py --workdir=<dir> [flags]
@@ -39,8 +42,10 @@ flags:
                  resumes from its latest checkpoint
   --mode         train (default) or eval: the latest checkpoint on data.eval_split (and
                  data.test_split), appended to metrics.jsonl
-  --dry_run      print mesh, shardings, memory and FLOPs plan; train nothing
+  --dry_run      print mesh, shardings, memory and FLOPs plan; train nothing, read no data
   --plan_device  with --dry_run: predict the step time on this device (H100, "TPU v5p", ...)
+  --plan_data    with --dry_run: read the dataset (exact char vocab, epoch size); without it
+                 the plan needs no data, only the config and dataset metadata
   --config_help  list every config field with its default and meaning
   --help         this message
 """
@@ -222,10 +227,11 @@ def run(argv) -> int:
   try:
     if _DRY_RUN.value:
       from lm import plan  # pylint: disable=g-import-not-at-top
-      plan.print_plan(config, _PLAN_DEVICE.value)
+      plan.print_plan(config, _PLAN_DEVICE.value, read_data=_PLAN_DATA.value)
       return 0
     if _MODE.value == 'eval':
-      result = train.Trainer(config, workdir, read_only=True).evaluate_latest()
+      result = train.Trainer(config, workdir, read_only=True,
+                             training=False).evaluate_latest()
     else:
       trainer = train.Trainer(config, workdir)  # Validates everything; writes nothing.
       if jax.process_index() == 0:
@@ -244,6 +250,8 @@ def run(argv) -> int:
   finally:
     if lock is not None:
       lock.close()
+    if stop is not None:
+      stop.exiting()
   return 0
 
 

@@ -1,6 +1,8 @@
-"""Loss curves from one or more workdirs to a PNG.
+"""Loss curves from one or more workdirs to a PNG; prints the PNG's path.
 
-  python -m lm.plot /tmp/sh /tmp/sh2 --out=/tmp/loss.png [--keys=train/loss,eval/loss]
+  python -m lm.plot /tmp/sh /tmp/sh2 [--out=/tmp/loss.png] [--keys=train/loss,eval/loss]
+
+Without --out the PNG is `<first workdir>/loss.png`, beside the metrics it draws.
 """
 
 import os
@@ -11,7 +13,7 @@ from absl import flags
 
 from lm import metrics as metrics_lib
 
-_OUT = flags.DEFINE_string('out', 'loss.png', 'PNG to write.')
+_OUT = flags.DEFINE_string('out', '', 'PNG to write (default: <first workdir>/loss.png).')
 _KEYS = flags.DEFINE_list('keys', ['train/loss', 'eval/loss'], 'Metrics to draw, one panel each.')
 _LOG_Y = flags.DEFINE_bool('log_y', False, 'Log-scale y axis.')
 
@@ -47,7 +49,7 @@ def plot(workdirs: list[str], out: str, keys=('train/loss', 'eval/loss'), log_y=
 def main(argv):
   workdirs = argv[1:]
   if not workdirs:
-    print('error: name one or more workdirs: python -m lm.plot /tmp/a /tmp/b --out=loss.png',
+    print('error: name one or more workdirs: python -m lm.plot /tmp/a /tmp/b [--out=loss.png]',
           file=sys.stderr)
     sys.exit(2)
   missing = [w for w in workdirs if not os.path.exists(os.path.join(w, 'metrics.jsonl'))]
@@ -55,7 +57,8 @@ def main(argv):
     print(f'error: no metrics.jsonl in {", ".join(missing)}; train there first', file=sys.stderr)
     sys.exit(2)
   try:
-    print(plot(workdirs, _OUT.value, _KEYS.value, _LOG_Y.value))
+    out = _OUT.value or os.path.join(workdirs[0], 'loss.png')
+    print(plot(workdirs, out, _KEYS.value, _LOG_Y.value))
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

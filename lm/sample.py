@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import cli
 from lm import model as model_lib
 from lm.config import ConfigError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding checkpoints.')
+_WORKDIR = cli.WORKDIR
 _PROMPT = flags.DEFINE_string('prompt', '\n', 'Text to continue.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')

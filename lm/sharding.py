@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
-import optax
 
 from lm.config import ConfigError
 
@@ -107,13 +106,29 @@ def logical_shardings(boxed_tree, abstract_tree, mesh: Mesh):
       mesh_specs, abstract_tree, is_leaf=lambda s: isinstance(s, P))
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,
-                        param_shardings, mesh: Mesh):
-  """Optimizer state shaped like the params is sharded like them; the rest is replicated."""
-  return optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
-      transform_non_params=lambda _: replicated(mesh),
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh: Mesh):
+  """Optimizer state shaped like a parameter is sharded like it; the rest is replicated.
+
+  A state leaf belongs to the parameter whose path ends its own (Adam's mu/block_0/attn/qkv
+  is block_0/attn/qkv's), which holds whatever nests it: chains, masks, param groups.
+  """
+  def key(entry):
+    return getattr(entry, 'key', getattr(entry, 'name', getattr(entry, 'idx', entry)))
+
+  params = {}
+  for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                           jax.tree.leaves(param_shardings,
+                                           is_leaf=lambda s: isinstance(s, NamedSharding))):
+    params[tuple(key(k) for k in path)] = (tuple(x.shape), sh)
+
+  def leaf_sharding(path, x):
+    keys = tuple(key(k) for k in path)
+    for start in range(len(keys)):
+      shape, sh = params.get(keys[start:], (None, None))
+      if sh is not None and shape == tuple(x.shape):
+        return sh
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
 
 
 def describe(shardings_tree, abstract_tree) -> list[tuple[str, tuple, str]]:

@@ -33,14 +33,19 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 
-def build(config, workdir: str) -> 'Task':
-  """The task `config.task` names."""
+def build(config, workdir: str, *, training: bool = True, shapes_only: bool = False) -> 'Task':
+  """The task `config.task` names. `training=False` builds it to evaluate a trained run;
+  `shapes_only` (--dry_run) lets a task that can plan from the config and dataset metadata
+  (lm/shapes.py) skip loading its data."""
   kinds = {'lm': LanguageModel, 'classify': ImageClassification,
            'classify_text': TextClassification}
   if config.task not in kinds:
     raise ConfigError(f'task={config.task!r} is unknown; use one of '
                       'lm, classify, classify_text')
-  return kinds[config.task](config, workdir)
+  kind = kinds[config.task]
+  if shapes_only and kind.plans_without_data:
+    return kind(config, workdir, training=training, shapes_only=True)
+  return kind(config, workdir, training=training)
 
 
 def apply(model: nn.Module, params, model_state, args, *, train: bool, rng=None, **kwargs):
@@ -59,9 +64,10 @@ class Task:
 
   unit = 'examples'
   write_reports = True  # False for a reader of a workdir it may not write (--mode=eval).
+  plans_without_data = False  # True: takes shapes_only=True, with lm/shapes.py's data.
 
-  def __init__(self, config, workdir: str):
-    self.config, self.workdir = config, workdir
+  def __init__(self, config, workdir: str, training: bool = True):
+    self.config, self.workdir, self.training = config, workdir, training
     self.is_main = jax.process_index() == 0
     train = config.train
     self._penalty_mask = None
@@ -89,13 +95,21 @@ class Task:
     """Lines for the start-up block: what data, how much of it."""
     return []
 
+  def has_split(self, split: str) -> bool:
+    """Whether the data has `split` (--mode=eval skips a test split another dir lacks)."""
+    del split
+    return True
+
   def example_batch(self) -> dict:
     """One example's worth of a training batch, for shapes."""
     return jax.tree.map(lambda x: x[:1], self.data.train_batch(0))
 
-  def steps(self) -> int:
+  def steps(self) -> int | None:
+    """train.steps, or train.epochs of the data; None when the data's size is unknown (a plan)."""
     train = self.config.train
     if train.epochs > 0:
+      if self.data.steps_per_epoch is None:
+        return None
       return max(1, int(round(train.epochs * self.data.steps_per_epoch)))
     return train.steps
 
@@ -135,14 +149,16 @@ class LanguageModel(Task):
   """Next-token prediction on a text corpus; reports bits per byte."""
 
   unit = 'tokens'
+  plans_without_data = True
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import data, model  # pylint: disable=g-import-not-at-top
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import data, model, shapes  # pylint: disable=g-import-not-at-top
     # On resume the saved tokenizer wins, so ids mean the same thing as before the restart.
     tokenizer = (data.load_tokenizer(workdir)
                  if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
-    self.data = data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count())
+    self.data = (shapes.text(config, jax.process_count()) if shapes_only else
+                 data.make_text_data(config, tokenizer, jax.process_index(), jax.process_count()))
     self.model_config = model.TransformerConfig.from_config(config.model, self.data.vocab_size)
     self.model = model.Transformer(self.model_config)
     self.items_per_step = self.data.tokens_per_batch
@@ -241,8 +257,8 @@ class Classification(Task):
   """Softmax classifiers: weighted cross-entropy or focal loss; accuracy, per-class F1,
   confusion matrix and, for two classes, ROC AUC, a PR curve and a tuned threshold."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
+  def __init__(self, config, workdir: str, training: bool = True):
+    super().__init__(config, workdir, training)
     t = config.train
     if t.loss not in ('cross_entropy', 'focal'):
       raise ConfigError(f'train.loss={t.loss!r} is unknown; use cross_entropy or focal')
@@ -377,11 +393,13 @@ class ImageClassification(Classification):
   """Image classifiers of lm/cnn.py on TFDS image datasets or `<split>.npz` files."""
 
   unit = 'images'
+  plans_without_data = True
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import cnn, images  # pylint: disable=g-import-not-at-top
-    self.data = images.make_image_data(config, jax.process_index(), jax.process_count())
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import cnn, images, shapes  # pylint: disable=g-import-not-at-top
+    self.data = (shapes.images(config, jax.process_count()) if shapes_only else
+                 images.make_image_data(config, jax.process_index(), jax.process_count()))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = cnn.build(config.model)
     self.items_per_step = config.train.batch_size
@@ -404,19 +422,36 @@ class ImageClassification(Classification):
 class TextClassification(Classification):
   """A Transformer encoder (lm/model.py's Classifier) on labelled text (lm/labelled_text.py).
 
-  The tokenizer and the label names are saved in the workdir and reused on resume, by
-  `--mode=eval` and by `lm.predict`, so ids and class indices mean the same thing everywhere.
+  The tokenizer, the label names and the train split's class counts are saved in the workdir
+  and reused on resume, by `--mode=eval` and by `lm.predict`, so ids and class indices mean
+  the same thing everywhere. Built to evaluate (`training=False`), it reads only the splits it
+  evaluates, so `--mode=eval` runs on a dir that holds nothing but the eval split's file.
   """
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    from lm import data, labelled_text, model  # pylint: disable=g-import-not-at-top
-    tokenizer = (data.load_tokenizer(workdir)
-                 if os.path.exists(os.path.join(workdir, 'tokenizer.json')) else None)
+  plans_without_data = True
+
+  def __init__(self, config, workdir: str, training: bool = True, shapes_only: bool = False):
+    super().__init__(config, workdir, training)
+    from lm import data, labelled_text, model, shapes  # pylint: disable=g-import-not-at-top
+    if os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+      tokenizer = data.load_tokenizer(workdir)
+    elif config.init.workdir and not shapes_only:
+      from lm import transfer  # pylint: disable=g-import-not-at-top
+      tokenizer = transfer.source_tokenizer(config)  # Ids mean what they meant in pretraining.
+    else:
+      tokenizer = None
     labels = (labelled_text.load_labels(workdir)
               if os.path.exists(labelled_text.labels_path(workdir)) else None)
-    self.data = labelled_text.make(config, tokenizer, labels, jax.process_index(),
-                                   jax.process_count(), cls=config.model.pool == 'cls')
+    # Runs from before train_counts.json was written evaluate by reading the train split.
+    counts = (None if training or labels is None else
+              labelled_text.load_train_counts(workdir, labels))
+    if counts is not None and tokenizer is None:
+      raise ConfigError(f'no tokenizer.json in {workdir!r} beside its labels.json; the run is '
+                        'incomplete: retrain it')
+    self.data = (shapes.labelled_text(config, jax.process_count()) if shapes_only else
+                 labelled_text.make(config, tokenizer, labels, jax.process_index(),
+                                    jax.process_count(), cls=config.model.pool == 'cls',
+                                    train_counts=counts))
     self._setup_classes(self.data.class_names, self.data.class_counts)
     self.model = model.Classifier.from_config(config.model, self.data.vocab_size)
     if self.data.max_len > self.model.config.seq_len:
@@ -440,6 +475,12 @@ class TextClassification(Classification):
             f'classes (train): {counts}'] + [
                 f'{name}: {len(split.labels_N):,} examples' for name, split in data.splits.items()]
 
+  def example_batch(self) -> dict:
+    return self.data.example_batch()
+
+  def has_split(self, split: str) -> bool:
+    return self.data.has_split(split)
+
   def flops_per_step(self, variables, batch) -> float:
     """6N per token plus attention, over the padded length (what the step computes)."""
     del variables, batch
@@ -453,3 +494,5 @@ class TextClassification(Classification):
       data.save_tokenizer(workdir, self.data.tokenizer)
     if not os.path.exists(labelled_text.labels_path(workdir)):
       labelled_text.save_labels(workdir, self.data.class_names)
+    if not os.path.exists(labelled_text.train_counts_path(workdir)):
+      labelled_text.save_train_counts(workdir, self.data.class_names, self.data.class_counts)

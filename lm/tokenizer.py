@@ -281,6 +281,9 @@ def main(argv=None) -> str:
   train.add_argument('--split', default='train', help='TFDS split to train on')
   train.add_argument('--heldout_files', type=int, default=1,
                      help='files: the last N files are validation and not trained on')
+  train.add_argument('--val_fraction', type=float, default=0.0,
+                     help='files: the last fraction of the bytes is validation and not trained '
+                     'on (0: 0.1 for a single file, else --heldout_files)')
   train.add_argument('--max_bytes', type=int, default=0, help='files: read at most this much')
   train.add_argument('--vocab_size', type=int, required=True)
   train.add_argument('--model_type', default='unigram', choices=['unigram', 'bpe'])
@@ -297,6 +300,7 @@ def main(argv=None) -> str:
   data_cfg.text_key = args.text_key
   data_cfg.train_split = args.split
   data_cfg.heldout_files = args.heldout_files
+  data_cfg.val_fraction = args.val_fraction
   data_cfg.max_bytes = args.max_bytes
   text = data.load_split(data_cfg, 'train')
   proto = train_sentencepiece(text, args.vocab_size, args.model_type, args.byte_fallback)

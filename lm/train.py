@@ -26,6 +26,7 @@ from lm import optim
 from lm import sharding
 from lm import steps as steps_lib
 from lm import tasks
+from lm import transfer
 from lm import workdir as workdir_lib
 from lm.config import ConfigError, check_values, to_json
 
@@ -33,8 +34,8 @@ from lm.config import ConfigError, check_values, to_json
 _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                       'train.eval_every_epochs', 'train.eval_batches',
                       'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile',
-                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir', 'mesh.',
-                      'resume_mismatch')
+                      'train.on_nan', 'train.max_rollbacks', 'data.data_dir',
+                      'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch')
 
 
 class Diverged(RuntimeError):
@@ -58,24 +59,31 @@ class Trainer:
 
   `read_only` (--mode=eval, benchmarks) never writes into the workdir, and opens its
   checkpoints without the clean-up a trainer does, so it may read a run that is training.
+  `shapes_only` (--dry_run) builds everything a plan compiles without loading the data; then
+  `steps` is None when it depends on a dataset size the plan does not know.
   """
 
-  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False):
+  def __init__(self, config, workdir: str, devices=None, *, read_only: bool = False,
+               shapes_only: bool = False, training: bool = True):
     self.config, self.workdir, self.read_only = config, workdir, read_only
     self.is_main = jax.process_index() == 0
     check_values(config)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     batches.check_batch(config.train.batch_size, jax.process_count(),
                         sharding.data_shards(self.mesh), config.train.grad_accum_steps)
+    # The source run's model hyperparameters first: they are part of the config resumed.
+    self.init_notes = transfer.adopt(config) if config.init.workdir else []
     if not read_only:
       self._check_config_drift()
-    self.task = tasks.build(config, workdir)
+    self.task = tasks.build(config, workdir, training=training, shapes_only=shapes_only)
     self.steps = self.task.steps()
     self.eval_every = config.train.eval_every
-    if config.train.eval_every_epochs > 0:
+    if config.train.eval_every_epochs > 0 and self.task.data.steps_per_epoch is not None:
       self.eval_every = max(1, round(config.train.eval_every_epochs *
                                      self.task.data.steps_per_epoch))
-    self.tx, schedule = optim.make(config.optim, self.steps)
+    # An unknown length (a plan) changes the schedule's values, not what the step compiles to.
+    self.tx, schedule = optim.make(config.optim, self.steps or config.train.steps,
+                                   config.model.num_layers)
     self.lr = jax.jit(schedule)  # One compile, not one per jnp op of the schedule.
     self.example = self.task.example_batch()
     self._build_state_shardings()
@@ -146,13 +154,15 @@ class Trainer:
     rep = sharding.replicated(self.mesh)
     self.state_shardings = steps_lib.TrainState(
         step=rep, params=param_sh,
-        opt_state=sharding.opt_state_shardings(self.tx, abstract.opt_state, param_sh, self.mesh),
+        opt_state=sharding.opt_state_shardings(abstract.opt_state, abstract.params, param_sh,
+                                               self.mesh),
         model_state=jax.tree.map(lambda _: rep, abstract.model_state),
         ema_params=param_sh if abstract.ema_params is not None else None)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_shardings)
     self.param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+    optim.check_patterns(self.config.optim, abstract.params)
 
   def _jit_steps(self):
     c, rep = self.config, sharding.replicated(self.mesh)
@@ -204,7 +214,10 @@ class Trainer:
     # against 1.1 s for the small LM on CPU) than they could ever save.
     init = jax.jit(self._init, out_shardings=self.state_shardings,
                    compiler_options={'xla_backend_optimization_level': 0})
-    return init(jax.random.key(self.config.seed))
+    state = init(jax.random.key(self.config.seed))
+    if self.config.init.workdir:
+      state = transfer.load(state, self.abstract_state, self.config.init, self.is_main)
+    return state
 
   def abstract_batch(self) -> dict:
     """Shapes and dtypes of one global training batch, to compile the step without data."""
@@ -266,9 +279,14 @@ class Trainer:
                                             then='run --mode=eval again to evaluate')
     writable = os.access(self.workdir, os.W_OK)
     self.task.write_reports = writable
-    out = self.evaluate(state, self.config.data.eval_split)
-    if self.config.data.test_split:
-      out.update(self.evaluate(state, self.config.data.test_split, prefix='test'))
+    d = self.config.data
+    out = self.evaluate(state, d.eval_split)
+    if d.test_split:
+      if self.task.has_split(d.test_split):
+        out.update(self.evaluate(state, d.test_split, prefix='test'))
+      elif self.is_main:
+        print(f'no {d.test_split!r} split in {d.data_dir!r}: evaluated {d.eval_split!r} only',
+              flush=True)
     if writable:
       metrics_lib.append_row(self.workdir, step, {**out, 'eval/data_dir': self.config.data.data_dir})
     elif self.is_main:
@@ -290,6 +308,7 @@ class Trainer:
         f'({jax.process_count()} process{"es" if jax.process_count() > 1 else ""}); mesh: ' +
         ', '.join(f'{k}={v}' for k, v in self.mesh.shape.items()),
         f'model: {c.model.name}, {self.param_count:,} parameters',
+        *self.init_notes,
         *(f'data: {line}' for line in self.task.describe()),
         f'steps: {self.steps:,} x batch {c.train.batch_size} '
         f'({self.task.items_per_step:,} {self.task.unit} a step); eval every '
@@ -556,6 +575,16 @@ class StopFlag:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+  def exiting(self):
+    """The run has stopped and saved. Python restores the default handlers as it shuts down,
+    so a repeat signal then would kill the process and turn exit 0 into -15: ignore it."""
+    if self.requested:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+          signal.signal(sig, signal.SIG_IGN)
+        except ValueError:
+          pass
 
   def _handle(self, signum, frame):
     del frame

@@ -1,6 +1,16 @@
-"""Every test sees 8 fake CPU devices, so sharding is exercised without accelerators."""
+"""Every test sees 8 fake CPU devices, so sharding is exercised without accelerators.
 
+Tests that need ../shared, root or a Slurm cluster skip without them; the run ends with one
+line saying what skipped and why, so a green run on a fresh clone does not hide them. Under
+`CI` (set by .ci/run, where all of those exist) a skip fails the test instead, unless its
+reason says it needs a GPU.
+"""
+
+import collections
 import os
+import re
+
+import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -14,3 +24,37 @@ if _EXPECTED_ROOT:
   if not os.path.abspath(lm.__file__).startswith(os.path.join(os.path.abspath(_EXPECTED_ROOT),
                                                               '')):
     raise RuntimeError(f'the tests import lm from {lm.__file__}, not from {_EXPECTED_ROOT}')
+
+
+_GPU_ONLY = re.compile(r'\bGPU', re.IGNORECASE)
+
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+  return reason.removeprefix('Skipped: ')
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  del item, call
+  outcome = yield
+  report = outcome.get_result()
+  if (os.environ.get('CI') and report.skipped and not hasattr(report, 'wasxfail') and
+      not _GPU_ONLY.search(_skip_reason(report))):
+    report.outcome = 'failed'
+    report.longrepr = (f'skipped under CI, where everything but GPU-only tests must run: '
+                       f'{_skip_reason(report)}')
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+  yield  # After the short test summary: the last line before the counts.
+  skipped = [r for r in terminalreporter.stats.get('skipped', []) if not hasattr(r, 'wasxfail')]
+  if not skipped:
+    return
+  reasons = collections.Counter(_skip_reason(r) for r in skipped)
+  terminalreporter.write_line(
+      f'{len(skipped)} skipped: ' +
+      '; '.join(f'{count} x {reason}' for reason, count in reasons.most_common()),
+      yellow=True, bold=True)

@@ -107,6 +107,44 @@ def test_files_split_heldout_and_recursive_glob(tmp_path):
   assert (train, heldout) == ('aaa', 'bbb\nccc')
 
 
+def test_one_file_validates_on_its_last_tenth(tmp_path):
+  """An input.txt alone: nanoGPT's cut, the last 10% of the bytes, whatever heldout_files says."""
+  text = ''.join(np.random.default_rng(0).choice(list('abc \n'), size=1000))
+  _write(str(tmp_path / 'input.txt'), text)
+  for heldout_files in (1, 0):
+    cfg = _config(f'files:{tmp_path}/input.txt', heldout_files=heldout_files).data
+    assert data.load_text(cfg) == (text[:900], text[900:])
+  cfg.val_fraction = 0.25
+  assert data.load_text(cfg) == (text[:750], text[750:])
+
+
+def test_the_cut_moves_back_to_a_character_boundary(tmp_path):
+  # '€' is 3 bytes at 898..900: byte 900 is inside it, so validation starts at the '€'.
+  text = 'a' * 898 + '€' + 'b' * 99
+  _write(str(tmp_path / 'input.txt'), text)
+  train, val = data.load_text(_config(f'files:{tmp_path}/input.txt').data)
+  assert (train, val) == ('a' * 898, '€' + 'b' * 99)
+
+
+def test_val_fraction_cuts_several_files_instead_of_holding_one_out(tmp_path):
+  _write(str(tmp_path / 'a.txt'), 'a' * 50)
+  _write(str(tmp_path / 'b.txt'), 'b' * 49)  # Joined with a newline: 100 bytes.
+  cfg = _config(f'files:{tmp_path}/*.txt', val_fraction=0.1).data
+  assert data.load_text(cfg) == ('a' * 50 + '\n' + 'b' * 39, 'b' * 10)
+  cfg.max_bytes = 60  # The cap applies before the cut: 50 + 10 bytes read, 61 with the newline.
+  assert data.load_text(cfg) == ('a' * 50 + '\n' + 'b' * 3, 'b' * 7)
+  cfg = _config(f'files:{tmp_path}/*.txt', val_fraction=0.5, tokenizer='byte')
+  assert data.make_text_data(cfg).files['validation'] == (
+      'the last 50% of their bytes (data.val_fraction=0.5)')
+
+
+def test_error_val_fraction_out_of_range(tmp_path):
+  _write(str(tmp_path / 'input.txt'), 'x' * 100)
+  for bad in (1.0, -0.1):
+    _assert_config_error(_config(f'files:{tmp_path}/input.txt', val_fraction=bad),
+                         f'data.val_fraction={bad}', '[0, 1)')
+
+
 def test_max_bytes_caps_each_split_without_splitting_characters(tmp_path):
   _write(str(tmp_path / 'a.txt'), 'ab€cd')  # '€' is 3 bytes, at bytes 2..4.
   _write(str(tmp_path / 'b.txt'), 'xyz')
@@ -209,7 +247,7 @@ def test_error_too_few_files(corpus_dir):
 
 def test_error_no_heldout_files(corpus_dir):
   _assert_config_error(_config(f'files:{corpus_dir}/*.txt', heldout_files=0),
-                       '--config.data.heldout_files')
+                       '--config.data.heldout_files', '--config.data.val_fraction=0.1')
 
 
 def test_error_test_split_with_files(corpus_dir):

@@ -27,6 +27,10 @@ def test_experiment_loads_locks_and_builds(path):
     from lm import model  # pylint: disable=g-import-not-at-top
     net = model.Transformer(model.TransformerConfig.from_config(config.model, vocab_size=256))
     inputs = jnp.zeros((1, config.model.seq_len), jnp.int32)
+  elif config.task == 'classify_text':
+    from lm import model  # pylint: disable=g-import-not-at-top
+    net = model.Classifier.from_config(config.model, vocab_size=config.data.vocab_size + 3)
+    inputs = jnp.zeros((1, config.data.max_len or config.model.seq_len), jnp.int32)
   else:
     from lm import cnn  # pylint: disable=g-import-not-at-top
     net = cnn.build(config.model)

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, 'tiny_config.py')
+TINY_CNN = os.path.join(HERE, 'tiny_cnn_config.py')
 
 
 def lm_main(*args, env_extra=None, timeout=300):
@@ -71,6 +73,38 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
   for needle in ('mesh: data=1, fsdp=4, tensor=2', 'parameters:', 'FLOPs per step',
                  'per device: params', 'predicted step time'):
     assert needle in result.stdout
+  assert not (tmp_path / 'x').exists()
+
+
+def test_one_text_file_trains_and_validates_on_its_last_tenth(tmp_path):
+  """The commonest corpus, an input.txt: files: needs no second file (test_data has the cut)."""
+  rng = np.random.default_rng(0)
+  (tmp_path / 'input.txt').write_text(''.join(rng.choice(list('ab cd\n'), size=20_000)))
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path / "run"}',
+                   f'--config.data.name=files:{tmp_path}/input.txt', '--config.train.steps=4',
+                   '--config.train.checkpoint_every=4')
+  assert result.returncode == 0, result.stderr
+  for needle in ('train: 18,000 tokens', 'eval: 2,000 tokens',
+                 'validation: the last 10% of their bytes (data.val_fraction=0 means 0.1'):
+    assert needle in result.stdout, result.stdout
+  assert (tmp_path / 'run' / 'DONE').exists()
+
+
+@pytest.mark.parametrize('config,extra,needles', [
+    (TINY, ['--config.model.num_layers=11'],
+     ['data: tiny_shakespeare: no text read', 'ASSUMED 256 characters', '; 20 steps: ']),
+    (TINY_CNN, [], ['images 32x32x3, 10 classes, 256 training examples', '; 300 steps: ']),
+    ('experiments/sms_spam.py', [], ['vocab 10,003', 'steps unknown: train.epochs=10']),
+], ids=['lm', 'cifar', 'text'])
+def test_dry_run_plans_from_the_config_without_the_data(tmp_path, config, extra, needles):
+  """The README's plan command on a fresh machine: no dataset there, and none needed."""
+  result = lm_main(f'--config={config}', f'--workdir={tmp_path / "x"}', '--dry_run',
+                   '--config.data.data_dir=/nonexistent', *extra)
+  assert result.returncode == 0, result.stderr
+  for needle in needles + ['parameters:', 'FLOPs per step', 'predicted step time']:
+    assert needle in result.stdout, result.stdout
+  if config == TINY:  # 11 blocks, listed as read: block_2 before block_10.
+    assert result.stdout.index('block_2/') < result.stdout.index('block_10/')
   assert not (tmp_path / 'x').exists()
 
 

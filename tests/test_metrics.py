@@ -50,6 +50,21 @@ def test_plot_cli_errors_on_missing_metrics(tmp_path):
   assert result.returncode == 2 and 'no metrics.jsonl' in result.stderr
 
 
+def test_plot_cli_writes_into_the_first_workdir_and_prints_where(tmp_path):
+  """Not into the current directory, where a second plot would overwrite the first."""
+  for name in ('a', 'b'):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 2.0}\n'
+                                                   '{"step": 2, "train/loss": 1.0}\n')
+  result = subprocess.run([sys.executable, '-m', 'lm.plot', str(tmp_path / 'a'),
+                           str(tmp_path / 'b')], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == str(tmp_path / 'a' / 'loss.png')
+  assert os.path.getsize(tmp_path / 'a' / 'loss.png') > 1000
+  assert not (tmp_path / 'loss.png').exists()
+
+
 # A row cut short by a kill or a full disk, then the next run's row glued onto it (what
 # happened before Writer cut torn lines), then a line that parses but is not a row.
 _TORN = ('{"step": 1, "train/loss": 3.0}\n'

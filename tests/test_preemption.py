@@ -146,11 +146,13 @@ def test_two_sigterms_close_together_still_save(tmp_path, reference):
   proc = start(workdir)
   assert wait_for(lambda: any(s >= 60 for s in logged_steps(workdir)))
   proc.send_signal(signal.SIGTERM)
-  time.sleep(0.2)
+  time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   code, out, err = finish(proc)
+  # The second lands while stopping ('already stopping') or, when the save was quicker, as
+  # Python shuts down (where a default handler would kill it: -15): either way exit 0.
   assert code == 0, err
-  assert 'already stopping' in out and 'stopped at step' in out
+  assert 'stopped at step' in out
   assert 'KeyboardInterrupt' not in err
   code, out, err = finish(start(workdir))
   assert code == 0, err

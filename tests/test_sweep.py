@@ -130,6 +130,48 @@ def test_cli_without_sweep_is_exit_2_and_one_line(tmp_path):
   assert result.stderr.strip().count('\n') == 0 and 'has no sweep()' in result.stderr
 
 
+def test_grid_from_the_command_line_is_a_typed_product(tmp_path):
+  exp = _experiment(tmp_path, '')  # No sweep() at all.
+  spec = _trials.expand(exp, str(tmp_path / 'sw'), [],
+                        ['optim.lr=1e-3,3e-3', 'seed=0,1', 'train.steps=1e3'])
+  overrides = [t['overrides'] for t in spec['trials']]
+  assert overrides == [{'optim.lr': lr, 'seed': seed, 'train.steps': 1000}
+                       for lr in (1e-3, 3e-3) for seed in (0, 1)]
+  assert all(type(o['seed']) is int and type(o['optim.lr']) is float for o in overrides)
+  assert spec['trials'][0]['name'] == '000_optim.lr=0.001,seed=0,train.steps=1000'
+  assert _trials.grid_trials(exp, ['model.use_bias=true,False']) == [
+      {'model.use_bias': True}, {'model.use_bias': False}]
+  assert _trials.grid_trials(exp, ['optim.name=adamw,lion']) == [
+      {'optim.name': 'adamw'}, {'optim.name': 'lion'}]
+
+
+@pytest.mark.parametrize('axes,needle', [
+    (['optim.lrr=1e-3'], "'optim.lrr', which is not a config field"),
+    (['seed=0,1.5'], "'1.5' is not an integer"),
+    (['optim.lr=fast'], "'fast' is not a number"),
+    (['model.use_bias=yes'], 'not true or false'),
+    (['optim.step_boundaries=0.5'], 'cannot set optim.step_boundaries'),
+    (['optim.lr'], 'needs FIELD=V1,V2'),
+    (['seed=0', 'seed=1'], 'given twice'),
+])
+def test_bad_grid_axes_are_one_clear_error(tmp_path, axes, needle):
+  with pytest.raises(_cli.UsageError, match=needle.replace('(', r'\(').replace(')', r'\)')):
+    _trials.expand(_experiment(tmp_path, ''), str(tmp_path / 'sw'), [], axes)
+
+
+def test_cli_grid_on_an_experiment_without_sweep(tmp_path):
+  exp = _experiment(tmp_path, '')
+  result = subprocess.run([sys.executable, '-m', 'launch.sweep', f'--config={exp}',
+                           f'--sweep_dir={tmp_path / "sw"}', '--grid', 'optim.lr=1e-3,3e-3',
+                           '--grid=seed=0,1', '--dry_run'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  trials = json.loads(result.stdout)['trials']
+  assert [t['args'][-2:] for t in trials] == [
+      [f'--config.optim.lr={lr}', f'--config.seed={seed}'] for lr in ('0.001', '0.003')
+      for seed in (0, 1)]
+
+
 def test_index_ranges():
   assert sweep_launcher.index_ranges([0, 1, 2, 5, 7, 8]) == '0-2,5,7-8'
   assert sweep_launcher.index_ranges([3]) == '3'
@@ -235,10 +277,23 @@ def test_summary_keeps_the_last_row_per_step_and_keys_and_skips_torn_lines(tmp_p
       {'step': 10, 'train/loss': 1.4}, {'step': 10, 'eval/loss': 1.3}]
 
 
-def test_summary_x_axis_is_log_only_across_decades():
+def test_summary_x_axis_is_log_for_rates_and_across_decades():
   assert _summary._log_x([1e-4, 1e-3, 1e-2])
-  assert not _summary._log_x([1e-3, 3e-3])
+  assert _summary._log_x([1e-3, 3e-3], 'optim.lr')  # A rate: log even within a decade.
+  assert _summary._log_x([0.05, 0.1], 'optim.weight_decay')
+  assert not _summary._log_x([50, 200], 'optim.warmup_steps')
   assert not _summary._log_x([0, 1, 100])
+  assert not _summary._log_x([0.0, 1e-3], 'optim.lr')  # Zero has no place on a log axis.
+
+
+def test_summary_columns_each_have_one_number_format():
+  header = ['trial', 'optim.lr', 'optim.warmup_steps', 'final eval/loss', 'steps', 'status']
+  body = [['000', 0.001, 50, 1.2, 200, 'done'], ['001', 3e-05, 200, 1.865, 200, 'done'],
+          ['002', 0.3, 1000, None, 0, 'pending']]
+  lines = _summary.markdown(header, body).splitlines()[2:]
+  assert lines == ['| 000 | 1.00e-03 | 50 | 1.2000 | 200 | done |',
+                   '| 001 | 3.00e-05 | 200 | 1.8650 | 200 | done |',
+                   '| 002 | 3.00e-01 | 1000 |  | 0 | pending |']
 
 
 # --- end to end with lm.main ---------------------------------------------------------------
