@@ -80,7 +80,7 @@ def test_sigterm_saves_exits_zero_and_resumes_to_the_same_result(tmp_path, refer
   t0 = time.time()
   code, out, err = finish(start(workdir))
   assert code == 0, err
-  assert f'resuming from' in out and out.count('resuming') == 1
+  assert 'resuming from' in out and out.count('resuming') == 1
   # Each row once: the restart went on from step `stopped`. A retrain from step 0 would reach
   # the same loss, but would log the first rows twice.
   assert train_steps(workdir) == EVERY_ROW
