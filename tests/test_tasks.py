@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from lm import config as config_lib
 from lm import tasks
@@ -36,20 +37,27 @@ def test_balanced_class_weights_are_n_over_k_times_the_count():
   assert tasks.class_weights('', np.array([1, 1])) is None
 
 
-def test_classification_loss_weighs_each_example_by_its_class_weight(tmp_path):
-  """sum_i w[y_i] CE_i / sum_i w[y_i], as Flax lm1b's weighted cross-entropy."""
+@pytest.mark.parametrize('loss_name', ['cross_entropy', 'focal'])
+def test_classification_loss_weighs_each_example_by_its_class_weight(tmp_path, loss_name):
+  """sum_i w[y_i] l_i / sum_i w[y_i], as Flax lm1b's weighted cross-entropy; l_i is the
+  cross-entropy or, with train.loss=focal, -(1 - p)^gamma log p of the label."""
   weights_K = np.arange(1.0, 11.0)  # Class k weighs k + 1: every class counts differently.
-  config = tiny_cnn(**{'train.class_weights': ','.join(map(str, weights_K))})
+  config = tiny_cnn(**{'train.class_weights': ','.join(map(str, weights_K)),
+                       'train.loss': loss_name, 'train.focal_gamma': 2.0})
   task = tasks.build(config, str(tmp_path))
   batch = task.data.train_batch(0)
   assert len(set(batch['label'].tolist())) > 1  # Else the weights cancel out.
   params = task.init(jax.random.key(0), batch)['params']
   loss, _ = jax.jit(task.loss)(params, {}, batch, jax.random.key(1))
   logits = jax.jit(task.forward)({'params': params}, batch)
-  ce = -np.take_along_axis(_log_softmax(logits), batch['label'][:, None], -1)[:, 0]
+  log_p = np.take_along_axis(_log_softmax(logits), batch['label'][:, None], -1)[:, 0]
+  per_example = {'cross_entropy': -log_p, 'focal': -(1 - np.exp(log_p)) ** 2 * log_p}
   w = weights_K[batch['label']]
-  np.testing.assert_allclose(loss, (w * ce).sum() / w.sum(), rtol=1e-5)
-  assert abs(float(loss) - ce.mean()) > 1e-3  # Unweighted would differ.
+  weighted = {name: (w * l).sum() / w.sum() for name, l in per_example.items()}
+  np.testing.assert_allclose(loss, weighted[loss_name], rtol=1e-5)
+  assert abs(float(loss) - per_example[loss_name].mean()) > 1e-3  # Unweighted would differ.
+  other = 'focal' if loss_name == 'cross_entropy' else 'cross_entropy'
+  assert abs(float(loss) - weighted[other]) > 1e-3  # And so would the other loss.
 
 
 def test_padded_eval_rows_are_left_out_of_loss_accuracy_and_confusion(tmp_path):
