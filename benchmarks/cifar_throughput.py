@@ -29,7 +29,6 @@ XLA flags are printed with the result.
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -213,11 +212,8 @@ def run_torch(args, model: str, batch_size: int, optim_spec: dict, memory_format
 # ---------------------------------------------------------------------------------- our side
 
 def load_config(model: str, data_dir: str, max_examples: int):
-  path = os.path.join(REPO_ROOT, EXPERIMENTS[model])
-  spec = importlib.util.spec_from_file_location(f'experiment_{model}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from lm import config as lm_config  # pylint: disable=g-import-not-at-top
+  config = lm_config.load(os.path.join(REPO_ROOT, EXPERIMENTS[model]))
   config.data.data_dir = data_dir
   config.data.max_examples = max_examples
   return config

@@ -4,12 +4,12 @@ Trial names depend only on the trial's index and overrides, so a restarted sweep
 same workdirs and the trials in them continue (or are skipped when DONE).
 """
 
-import importlib.util
 import json
 import os
 import re
 
 from launch._cli import UsageError
+from lm import config as config_lib
 from lm import sweeps
 
 SPEC_FILE = 'sweep.json'
@@ -18,13 +18,10 @@ _MAX_NAME = 120
 
 
 def _module(config_path: str):
-  if not os.path.isfile(config_path):
-    raise UsageError(f'config file {config_path!r} does not exist')
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(config_path))[0], config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  try:
+    return config_lib.experiment_module(config_path)
+  except config_lib.ConfigError as e:
+    raise UsageError(str(e)) from None
 
 
 def load_sweep(config_path: str) -> list[dict]:

@@ -92,6 +92,27 @@ class Rows:
       yield np.where(valid_B, rows_B, 0), valid_B
 
 
+_SPLIT_SEED = 0  # Held-out and low-label subsets do not move with `config.seed`.
+
+
+def hold_out(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(kept rows, held-out rows) of n examples: a fixed random `fraction` held out, sorted."""
+  n_held = int(round(fraction * n))
+  perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
+  return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+
+
+def subset(n: int, fraction: float) -> np.ndarray:
+  """A fixed random `fraction` of n rows (data.train_fraction: training with fewer labels).
+
+  Drawn from another stream than `hold_out`, so a subset is not the held-out rows' complement.
+  """
+  if not 0 < fraction <= 1:
+    raise ConfigError(f'data.train_fraction={fraction} must be in (0, 1]')
+  keep = max(1, int(round(fraction * n)))
+  return np.sort(np.random.default_rng([_SPLIT_SEED, 1]).permutation(n)[:keep])
+
+
 _MIN_EVAL_BATCH = 512  # Evaluation uses big batches: no gradients, and batch 4 would crawl.
 
 

@@ -104,9 +104,10 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   Plain NHWC convs whose output has ceil(input / stride) rows and columns ('same' padding)
   take `_kernel_grad`. The rest (VALID) keep XLA's rule: there the window of
   `_kernel_grad`'s convs would be larger than their input, and XLA:CPU rewrites such a conv
-  into a slow generic loop.
+  into a slow generic loop. Accelerators keep XLA's rule everywhere: it is the form cuDNN's
+  kernel-gradient (wgrad) kernels are matched from.
   """
-  plain = (feature_group_count == 1 and precision is None and
+  plain = (jax.default_backend() == 'cpu' and feature_group_count == 1 and precision is None and
            all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) and
            lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) ==
            lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
@@ -272,7 +273,7 @@ class PreActResNet(nn.Module):
   """A 3x3 stem, stages of pre-activation blocks, a final BN-ReLU, avg pool and a classifier.
 
   Pre-activation ResNet-18: stem 64, widths (64, 128, 256, 512), 2 blocks per stage.
-  WRN-28-10: stem 16, widths (160, 320, 640), 4 blocks per stage.
+  WRN-28-10: stem 16, widths (160, 320, 640), 4 blocks per stage; WRN-16-4: (64, 128, 256), 2.
   """
   num_classes: int
   stem: int
@@ -333,7 +334,9 @@ class ResNet9(nn.Module):
 
 
 _RESNET_DEPTHS = {'resnet20': 20, 'resnet32': 32, 'resnet56': 56, 'resnet110': 110}
-NAMES = ('simple_cnn', 'mlp', *_RESNET_DEPTHS, 'preact_resnet18', 'wrn28_10', 'resnet9')
+# Wide ResNets (depth 6 * blocks + 4, widths 16k, 32k, 64k): name -> (blocks per stage, k).
+_WIDE = {'wrn16_4': (2, 4), 'wrn28_10': (4, 10)}
+NAMES = ('simple_cnn', 'mlp', *_RESNET_DEPTHS, 'preact_resnet18', *_WIDE, 'resnet9')
 _HAS_WIDTH = ('resnet20', 'resnet32', 'resnet56', 'resnet110', 'preact_resnet18', 'resnet9')
 
 
@@ -356,9 +359,9 @@ def _check(model_cfg) -> None:
   if hidden != tuple(base_config().model.hidden) and model_cfg.name != 'mlp':
     raise ConfigError(f'model {model_cfg.name!r} has no hidden-width list; leave model.hidden '
                       'at its default (it applies to mlp)')
-  if model_cfg.dropout > 0 and model_cfg.name != 'wrn28_10':
+  if model_cfg.dropout > 0 and model_cfg.name not in _WIDE:
     raise ConfigError(f'model {model_cfg.name!r} has no dropout; set model.dropout=0 '
-                      '(only wrn28_10 uses it)')
+                      f'(only {", ".join(_WIDE)} use it)')
 
 
 def build(model_cfg) -> nn.Module:
@@ -380,7 +383,8 @@ def build(model_cfg) -> nn.Module:
   if name == 'preact_resnet18':
     return PreActResNet(k, stem=scaled((64,))[0], widths=scaled((64, 128, 256, 512)),
                         blocks=2, dtype=dtype)
-  if name == 'wrn28_10':
-    return PreActResNet(k, stem=16, widths=(160, 320, 640), blocks=4,
+  if name in _WIDE:
+    blocks, widen = _WIDE[name]
+    return PreActResNet(k, stem=16, widths=(16 * widen, 32 * widen, 64 * widen), blocks=blocks,
                         dropout=model_cfg.dropout, dtype=dtype)
   return ResNet9(k, widths=scaled((64, 128, 256, 512)), dtype=dtype)

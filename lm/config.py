@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'validation'  # Split `eval_every` and `--mode=eval` measure.
   c.data.test_split = ''          # Extra split evaluated at the end ('' = none).
   c.data.tokenizer = 'char'       # 'char', 'byte', 'word' or 'sentencepiece'.
-  c.data.tokenizer_path = ''      # SentencePiece model file (`python -m lm.tokenizer train`).
+  c.data.tokenizer_path = ''      # SentencePiece model file ('' = train one on the train split).
   c.data.heldout_files = 1        # files: the last N files (sorted) are the validation split.
   c.data.max_bytes = 0            # files: stop reading after this many bytes (0 = all).
   # Validation held out of train. classify: this fraction of the examples (0 = none). files:
@@ -41,13 +41,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment = True           # classify: random crop (4-pixel pad) and horizontal flip.
   c.data.cutout = 0               # classify: side of the cutout square (0 = off).
   c.data.max_examples = 0         # classify: read at most this many per split (0 = all).
+  c.data.train_fraction = 1.0     # classify: train on this fixed random fraction of the labels.
   c.data.crop_padding = 'constant'  # classify: crop padding, 'constant' (zeros) or 'reflect'.
   c.data.eval_batch_size = 0      # classify: eval batch (0 = a multiple of batch_size >= 512).
   c.data.positive_label = ''      # Two classes: the positive one for F1 and thresholds ('' = 2nd).
   c.data.label_key = 'label'      # Labelled text: column, JSON key or TFDS feature of the label.
   c.data.max_len = 0              # Labelled text: tokens per example, [CLS] included (0 = seq_len).
-  c.data.vocab_size = 20000       # word tokenizer: most frequent train words kept (+3 specials).
+  # word: the most frequent train words kept (+3 specials); sentencepiece without
+  # tokenizer_path: the vocabulary size of the model trained on the train split.
+  c.data.vocab_size = 20000
   c.data.oversample = False       # classify: draw examples with weight 1/(their class count).
+  c.data.augment_on_device = False  # classify: crop/flip/cutout in the jitted step (uint8 batches).
+  c.data.prefetch = -1            # Batches built ahead on a thread (-1: 2 on GPU/TPU, 0 on CPU).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'    # 'transformer', or an image model from lm/cnn.py.
@@ -64,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True   # Output projection shares the token embedding.
   c.model.dropout = 0.0           # Dropout on residual branches and embeddings.
   c.model.dtype = 'float32'       # Compute dtype ('bfloat16' on accelerators); params stay float32.
-  c.model.remat = False           # Rematerialise each block in the backward pass.
+  c.model.remat = 'none'          # Recompute in backward: none, dots (keep weight matmuls) or full.
+  c.model.attention = 'auto'      # auto (cuDNN on GPU in 16-bit, else einsum), cudnn, xla, einsum.
+  c.model.scan_layers = False     # nn.scan over blocks: flat compile time; params stacked, blocks/.
   c.model.causal = True           # Causal attention; False: a bidirectional encoder (classifiers).
   c.model.pool = 'mean'           # Text classifier: mean, cls (first token) or last (last non-pad).
   c.model.head_dropout = 0.0      # Text classifier: dropout on the pooled features before the head.
@@ -173,15 +180,20 @@ def check_values(config) -> None:
       raise ConfigError(f'{field}={value!r} must be one of {", ".join(choices)}')
 
 
-def load(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from an experiment file anywhere on disk."""
+def experiment_module(path: str):
+  """Imports an experiment file anywhere on disk (its `get_config()`, maybe `sweep()`)."""
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} does not exist; pass --config=experiments/<name>.py')
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from an experiment file anywhere on disk."""
+  config = experiment_module(path).get_config()
   config.lock()
   return config
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from lm import batches
 from lm import datasets
+from lm import labelled_text
 from lm import tokenizer as tokenizer_lib
 from lm import workdir as workdir_lib
 from lm.config import ConfigError
@@ -105,18 +106,25 @@ def _cut(text: str, fraction: float) -> tuple[str, str]:
   return raw[:cut].decode('utf-8'), raw[cut:].decode('utf-8')
 
 
-def _read_files(paths: list[str], max_bytes: int) -> tuple[str, dict[str, str]]:
+def _read_files(paths: list[str], max_bytes: int, data_cfg=None
+                ) -> tuple[str, dict[str, str]]:
   """(text, {path: why it does not look like UTF-8 text}) of the files read in order.
 
-  Reading stops after `max_bytes` bytes (0 = no limit).
+  A .csv, .tsv or .jsonl file contributes its text column (data.text_key: the texts of a
+  labelled dataset, one per line), any other file its raw text. Reading stops after
+  `max_bytes` bytes (0 = no limit).
   """
   # An incremental decoder drops a character cut in half at the cap instead of inventing one.
   decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
   texts, problems = [], {}
   left = max_bytes or -1
   for path in paths:
-    with open(path, 'rb') as f:
-      raw = f.read(left)
+    if data_cfg is not None and path.endswith(labelled_text.TABLES):
+      raw = '\n'.join(labelled_text.read_texts(path, data_cfg)).encode('utf-8')
+      raw = raw[:left] if left >= 0 else raw
+    else:
+      with open(path, 'rb') as f:
+        raw = f.read(left)
     text = decoder.decode(raw, final=max_bytes == 0 or len(raw) < left)
     decoder.reset()
     problem = _not_text(raw, text)
@@ -165,7 +173,7 @@ def _load_files(data_cfg, which: tuple[str, ...]) -> list[str]:
 
 def _checked(data_cfg, paths: list[str]) -> str:
   """The files' text; an error for binary files under the char tokenizer, else a warning."""
-  text, problems = _read_files(paths, data_cfg.max_bytes)
+  text, problems = _read_files(paths, data_cfg.max_bytes, data_cfg)
   if not problems:
     return text
   binary = {p: why for p, why in problems.items() if why.startswith(_BINARY)}

@@ -8,9 +8,14 @@ import glob
 import os
 import re
 
-import tensorflow_datasets as tfds
-
 from lm.config import ConfigError
+
+
+def _tfds():
+  # Imported on first use: runs on files: corpora or split files never load TFDS.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
 
 def prepare_hint(name: str = '<name>') -> str:
   return (f'to create it, run python -m lm.prepare {name} --data_dir=<dir> (add '
@@ -19,7 +24,7 @@ def prepare_hint(name: str = '<name>') -> str:
 
 def data_dir(path: str) -> str:
   """`path` (or TFDS's default dir when empty), which must exist."""
-  resolved = os.path.expanduser(path or tfds.core.constants.DATA_DIR)
+  resolved = os.path.expanduser(path or _tfds().core.constants.DATA_DIR)
   if not os.path.isdir(resolved):
     raise ConfigError(f'data dir {resolved!r} does not exist; {prepare_hint()}')
   return resolved
@@ -60,7 +65,7 @@ def tfds_builder(name: str, path: str, features: dict[str, str] | None = None):
         f'TFDS dataset {name!r} is not prepared in {path!r} (it has: {", ".join(have) or "nothing"}'
         f'); point --config.data.data_dir at a dir that has it, or {prepare_hint(base_name)}')
   try:
-    builder = tfds.builder(name, data_dir=path)
+    builder = _tfds().builder(name, data_dir=path)
   except Exception as e:  # pylint: disable=broad-except  TFDS raises many kinds here.
     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     raise ConfigError(f'cannot open TFDS dataset {name!r} in {path!r} ({reason}); fix '

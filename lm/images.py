@@ -5,7 +5,10 @@ A dataset is a prepared TFDS image dataset (`data.name`, e.g. cifar10) or, with
 `label` int [N]). A training batch depends only on (seed, step, process index): the rows come
 from `batches.Rows` and the augmentation from `Rows.augment_rng(step)`, drawn for the whole
 global batch and then sliced, so resuming is exact and results do not depend on the number of
-processes.
+processes. With `data.augment_on_device` the batches hold the stored uint8 pixels instead
+(a quarter of the bytes to move) and `prepare_on_device`, inside the jitted step, crops, flips,
+cuts out and normalises them with the step's own key: as pure a function of the step, with the
+host's distribution (not its draws).
 
 Shape key: N examples, G global batch, B this process's rows, H height, W width, C channels.
 """
@@ -13,16 +16,16 @@ Shape key: N examples, G global batch, B this process's rows, H height, W width,
 import dataclasses
 import io
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
 from lm import batches
 from lm import datasets
 from lm.config import ConfigError
 
 _PAD = 4              # Random-crop padding on each side (He et al. 2016).
-_VAL_SEED = 0         # The held-out validation examples do not move with `config.seed`.
 _READ_CHUNK = 2000    # Examples per `__getitems__` call while decoding.
 
 
@@ -76,6 +79,7 @@ def load_split(name: str, split: str, data_dir: str = '', max_examples: int = 0,
   if not name:
     return _load_npz(data_dir, split, max_examples)
   builder = _builder(name, data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (npz runs skip it)
   # PIL decodes the stored PNG/JPEG bytes itself: ~20% faster than TFDS's decoder path.
   source = datasets.tfds_source(builder, split, field,
                                 decoders={'image': tfds.decode.SkipDecoding()})
@@ -92,13 +96,14 @@ def load_split(name: str, split: str, data_dir: str = '', max_examples: int = 0,
   return Split(np.stack(images)[order], np.array(labels, np.int32)[order], ids_N[order])
 
 
+def _take(split: Split, rows: np.ndarray) -> Split:
+  return Split(split.images_NxHxWxC[rows], split.labels_N[rows], split.ids_N[rows])
+
+
 def hold_out(split: Split, fraction: float) -> tuple[Split, Split]:
   """(train, validation): a fixed random `fraction` of the examples held out."""
-  n_val = int(round(fraction * len(split.labels_N)))
-  perm = np.random.default_rng(_VAL_SEED).permutation(len(split.labels_N))
-  val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-  take = lambda idx: Split(split.images_NxHxWxC[idx], split.labels_N[idx], split.ids_N[idx])
-  return take(train), take(val)
+  train, val = batches.hold_out(len(split.labels_N), fraction)
+  return _take(split, train), _take(split, val)
 
 
 def channel_stats(images_NxHxWxC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,13 +144,41 @@ def cutout_mask(cy_B: np.ndarray, cx_B: np.ndarray, size: int, h: int, w: int) -
   return in_rows[:, :, None] & in_cols[:, None, :]
 
 
+def prepare_on_device(images_BxHxWxC, rng, *, mean_C, std_C, augment: bool, cutout: int,
+                      pad_mode: str = 'constant'):
+  """uint8 pixels -> normalised float32, with `crop_flip` and cutout's augmentation when `rng`
+  is a key (training) and `augment` is set; jittable, the draws a function of `rng` alone."""
+  x = images_BxHxWxC.astype(jnp.float32)
+  b, h, w, _ = x.shape
+  if rng is not None and augment:
+    k_dy, k_dx, k_flip = jax.random.split(rng, 3)
+    dy_B, dx_B = (jax.random.randint(k, (b,), 0, 2 * _PAD + 1) for k in (k_dy, k_dx))
+    flip_B = jax.random.bernoulli(k_flip, 0.5, (b,))
+    padded = jnp.pad(x, ((0, 0), (_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode=pad_mode)
+    rows_BxH = dy_B[:, None] + jnp.arange(h)
+    cols_W = jnp.arange(w)
+    cols_BxW = dx_B[:, None] + jnp.where(flip_B[:, None], w - 1 - cols_W, cols_W)
+    x = padded[jnp.arange(b)[:, None, None], rows_BxH[:, :, None], cols_BxW[:, None, :]]
+  x = (x - mean_C) / std_C
+  if rng is not None and cutout:
+    k_cy, k_cx = jax.random.split(jax.random.fold_in(rng, 1))
+    top_B = jax.random.randint(k_cy, (b,), 0, h) - cutout // 2
+    left_B = jax.random.randint(k_cx, (b,), 0, w) - cutout // 2
+    rows_BxH = jnp.arange(h) - top_B[:, None]
+    cols_BxW = jnp.arange(w) - left_B[:, None]
+    inside_BxHxW = (((rows_BxH >= 0) & (rows_BxH < cutout))[:, :, None] &
+                    ((cols_BxW >= 0) & (cols_BxW < cutout))[:, None, :])
+    x = jnp.where(inside_BxHxW[..., None], 0.0, x)
+  return x
+
+
 class ImageData:
   """Training batches and whole-split evaluation batches of one process."""
 
   def __init__(self, splits: dict[str, Split], class_names: tuple[str, ...], *,
                batch_size: int, seed: int, augment: bool, cutout: int, loader,
                process_index: int = 0, process_count: int = 1, eval_batch_size: int = 0,
-               pad_mode: str = 'constant'):
+               pad_mode: str = 'constant', on_device: bool = False):
     self.splits = splits  # 'train', maybe 'validation'; others join on first use.
     self.class_names = class_names
     self.num_classes = len(class_names)
@@ -157,8 +190,14 @@ class ImageData:
     self.steps_per_epoch = self.rows.steps_per_epoch
     self.class_counts = np.bincount(splits['train'].labels_N, minlength=self.num_classes)
     self._augment, self._cutout, self._pad_mode = augment, cutout, pad_mode
+    self.on_device = on_device  # Batches of uint8 pixels, for `prepare_on_device`.
     self._loader = loader  # split name -> Split, for splits first asked for in eval_batches.
     self.mean_C, self.std_C = channel_stats(splits['train'].images_NxHxWxC)
+
+  def prepare_on_device(self, images_BxHxWxC, rng=None):
+    """This data's `prepare_on_device`: a training key augments, None only normalises."""
+    return prepare_on_device(images_BxHxWxC, rng, mean_C=self.mean_C, std_C=self.std_C,
+                             augment=self._augment, cutout=self._cutout, pad_mode=self._pad_mode)
 
   def _normalise(self, images_BxHxWxC: np.ndarray) -> np.ndarray:
     return (images_BxHxWxC.astype(np.float32) - self.mean_C) / self.std_C
@@ -172,6 +211,9 @@ class ImageData:
     local = self.rows.local
     idx_B = local(self.train_indices(step))
     images = self.splits['train'].images_NxHxWxC[idx_B]
+    if self.on_device:
+      return {'image': images, 'label': self.splits['train'].labels_N[idx_B],
+              'valid': np.ones(len(idx_B), np.float32)}
     g, (h, w) = self.batch_size, images.shape[1:3]
     rng = self.rows.augment_rng(step)
     # Draws are made for the whole global batch, then sliced, to be process-count independent.
@@ -210,8 +252,11 @@ class ImageData:
     data = self._split(split)
     out = []
     for rows_B, valid_B in self.rows.eval(len(data.labels_N), self.eval_batch_size):
-      x_BxHxWxC = self._normalise(data.images_NxHxWxC[rows_B])
-      x_BxHxWxC[~valid_B] = 0.0
+      if self.on_device:  # Padding rows repeat row 0; their weight of 0 leaves them out.
+        x_BxHxWxC = data.images_NxHxWxC[rows_B]
+      else:
+        x_BxHxWxC = self._normalise(data.images_NxHxWxC[rows_B])
+        x_BxHxWxC[~valid_B] = 0.0
       out.append({'image': x_BxHxWxC,
                   'label': np.where(valid_B, data.labels_N[rows_B], 0).astype(np.int32),
                   'valid': valid_B.astype(np.float32)})
@@ -241,9 +286,12 @@ def make_image_data(config, process_index: int = 0, process_count: int = 1) -> I
       d.val_fraction)
   if d.val_fraction > 0:
     splits['validation'] = val
+  if d.train_fraction < 1:
+    splits['train'] = _take(splits['train'],
+                            batches.subset(len(splits['train'].labels_N), d.train_fraction))
   names = class_names(d.name, d.data_dir) or tuple(
       str(k) for k in range(int(splits['train'].labels_N.max()) + 1))
   return ImageData(splits, names, batch_size=batch, seed=config.seed, augment=d.augment,
                    cutout=d.cutout, loader=loader, process_index=process_index,
                    process_count=process_count, eval_batch_size=d.eval_batch_size,
-                   pad_mode=d.crop_padding)
+                   pad_mode=d.crop_padding, on_device=d.augment_on_device)

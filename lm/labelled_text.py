@@ -29,7 +29,6 @@ from lm import workdir as workdir_lib
 from lm.config import ConfigError
 
 _FORMATS = ('.csv', '.tsv', '.jsonl')
-_VAL_SEED = 0       # As images.hold_out: the held-out examples do not move with `config.seed`.
 _READ_CHUNK = 2000  # TFDS examples per `__getitems__` call.
 _LABELS_FILE = 'labels.json'
 _TRAIN_COUNTS_FILE = 'train_counts.json'
@@ -98,7 +97,7 @@ def _missing_split(data_cfg, split: str) -> ConfigError:
 
 
 def _column_error(path: str, key: str, have, data_cfg, what: str) -> ConfigError:
-  field = 'text_key' if key == data_cfg.text_key else 'label_key'
+  field = 'label_key' if key == data_cfg.label_key else 'text_key'
   return ConfigError(f'{path!r} {what} has no {key!r} (it has: {", ".join(map(str, have))}); '
                      f'set --config.data.{field} or fix the file')
 
@@ -114,7 +113,13 @@ def _label(value, where: str) -> str:
   return str(label)
 
 
-def _read_delimited(path: str, data_cfg) -> Examples:
+def _text_key(keys, data_cfg) -> str:
+  """data.text_key, or the first of its comma-separated names that `keys` has."""
+  names = [k.strip() for k in data_cfg.text_key.split(',')]
+  return next((k for k in names if k in keys), names[0])
+
+
+def _read_delimited(path: str, data_cfg, with_labels: bool = True) -> Examples:
   """CSV (quoted fields may hold commas, quotes, newlines) or GLUE-style TSV.
 
   TSV is read with QUOTE_NONE: GLUE/SST-2 files never quote, so a field that starts with a
@@ -135,10 +140,12 @@ def _read_delimited(path: str, data_cfg) -> Examples:
       if header is None:
         raise ConfigError(f'{path!r} is empty; it needs a header row naming the '
                           f'{data_cfg.text_key!r} and {data_cfg.label_key!r} columns')
-      for key in (data_cfg.text_key, data_cfg.label_key):
+      text_key = _text_key(header, data_cfg)
+      for key in (text_key, data_cfg.label_key)[:2 if with_labels else 1]:
         if key not in header:
           raise _column_error(path, key, header, data_cfg, 'line 1 (the header)')
-      t, l = header.index(data_cfg.text_key), header.index(data_cfg.label_key)
+      t = header.index(text_key)
+      l = header.index(data_cfg.label_key) if with_labels else None
       start = reader.line_num + 1
       for row in reader:
         if row:  # csv yields [] for a blank line.
@@ -146,7 +153,8 @@ def _read_delimited(path: str, data_cfg) -> Examples:
             raise ConfigError(f'{path!r} line {start}: {len(row)} fields but the header has '
                               f'{len(header)}; {fix}')
           texts.append(row[t])
-          labels.append(_label(row[l], f'{path!r} line {start}'))
+          if with_labels:
+            labels.append(_label(row[l], f'{path!r} line {start}'))
           lines.append(start)
         start = reader.line_num + 1
     except csv.Error as e:
@@ -159,7 +167,7 @@ def _read_delimited(path: str, data_cfg) -> Examples:
   return Examples(texts, labels, lines, repr(path))
 
 
-def _read_jsonl(path: str, data_cfg) -> Examples:
+def _read_jsonl(path: str, data_cfg, with_labels: bool = True) -> Examples:
   texts, labels, lines = [], [], []
   n = 0
   with open(path, encoding='utf-8-sig') as f:
@@ -175,14 +183,16 @@ def _read_jsonl(path: str, data_cfg) -> Examples:
         if not isinstance(obj, dict):
           raise ConfigError(f'{path!r} line {n}: a JSON {type(obj).__name__}, not an object; '
                             'write one {"text": ..., "label": ...} object per line')
-        for key in (data_cfg.text_key, data_cfg.label_key):
+        text_key = _text_key(obj, data_cfg)
+        for key in (text_key, data_cfg.label_key)[:2 if with_labels else 1]:
           if key not in obj:
             raise _column_error(path, key, list(obj), data_cfg, f'line {n}')
-        if not isinstance(obj[data_cfg.text_key], str):
-          raise ConfigError(f'{path!r} line {n}: {data_cfg.text_key!r} is not a string; '
+        if not isinstance(obj[text_key], str):
+          raise ConfigError(f'{path!r} line {n}: {text_key!r} is not a string; '
                             'fix the file or --config.data.text_key')
-        texts.append(obj[data_cfg.text_key])
-        labels.append(_label(obj[data_cfg.label_key], f'{path!r} line {n}'))
+        texts.append(obj[text_key])
+        if with_labels:
+          labels.append(_label(obj[data_cfg.label_key], f'{path!r} line {n}'))
         lines.append(n)
     except UnicodeDecodeError as e:
       raise ConfigError(f'{path!r} near line {n + 1}: not UTF-8 ({e.reason}); save the file '
@@ -190,6 +200,16 @@ def _read_jsonl(path: str, data_cfg) -> Examples:
   if not texts:
     raise ConfigError(f'{path!r} is empty; write one JSON object per line')
   return Examples(texts, labels, lines, repr(path))
+
+
+TABLES = ('.csv', '.tsv', '.jsonl')
+
+
+def read_texts(path: str, data_cfg) -> list[str]:
+  """The text column of a CSV, TSV or JSONL file (data.text_key; labels not needed), for a
+  language model pretraining on the text of labelled datasets."""
+  reader = _read_jsonl if path.endswith('.jsonl') else _read_delimited
+  return reader(path, data_cfg, with_labels=False).texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +299,6 @@ def read_split(data_cfg, split: str) -> Examples:
   if path is None:
     raise _missing_split(data_cfg, split)
   return _read_jsonl(path, data_cfg) if path.endswith('.jsonl') else _read_delimited(path, data_cfg)
-
-
-def hold_out(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """(train rows, validation rows): a fixed random `fraction` held out, as images.hold_out."""
-  n_val = int(round(fraction * n))
-  perm = np.random.default_rng(_VAL_SEED).permutation(n)
-  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +529,7 @@ class TextClassData:
 
 def _held_out(d, train: Examples) -> tuple[Examples, Examples]:
   """(train, validation): `data.val_fraction` of the train split, the same rows every time."""
-  train_rows, val_rows = hold_out(len(train.texts), d.val_fraction)
+  train_rows, val_rows = batches.hold_out(len(train.texts), d.val_fraction)
   if not len(val_rows):
     raise ConfigError(f'data.val_fraction={d.val_fraction} holds out no example of '
                       f'{len(train.texts)}; raise it or set it to 0')
@@ -583,6 +596,8 @@ def make(config, tokenizer=None, labels=None, process_index: int = 0, process_co
       raise ConfigError(f'data.val_fraction={d.val_fraction} but the dataset has its own '
                         "'validation' split; set --config.data.val_fraction=0")
     train, val = _held_out(d, train)
+  if d.train_fraction < 1:
+    train = train.take(batches.subset(len(train.texts), d.train_fraction))
   if tokenizer is None:
     # Train texts only. A newline is no word, and at worst one unused char id.
     tokenizer = tokenizer_lib.build(d, '\n'.join(train.texts))

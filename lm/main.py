@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lm import cli
+from lm import runtime
 from lm.config import ConfigError, num_processes, split_cpu_devices
 
 FLAGS = flags.FLAGS
@@ -161,6 +162,8 @@ def _overlay(config, saved: dict, keep: set[str], prefix: str = '') -> None:
     if isinstance(value, dict):
       _overlay(config[key], value, keep, name + '.')
     elif name not in keep:
+      if name == 'model.remat' and isinstance(value, bool):  # A bool before remat policies.
+        value = 'full' if value else 'none'
       with config.unlocked():
         current = config[key]
         config[key] = tuple(value) if isinstance(current, tuple) and value is not None else value
@@ -213,6 +216,7 @@ def run(argv) -> int:
     _overlay(config, saved, _overridden(argv))
   if not _DRY_RUN.value:
     _check_workdir(workdir, writing=_MODE.value == 'train')
+  runtime.set_gpu_xla_flags()  # Before anything starts a backend.
   try:
     split_cpu_devices(config)
   except ConfigError as e:
@@ -222,7 +226,10 @@ def run(argv) -> int:
   if _MODE.value == 'train' and not _DRY_RUN.value:
     stop = train.StopFlag()  # Before anything slow, so a SIGTERM during set-up is honoured.
   _maybe_initialize_distributed()
+  if stop is not None:
+    stop.install()  # Back from jax.distributed's preemption notifier.
   import jax  # pylint: disable=g-import-not-at-top
+  runtime.enable_compilation_cache()
   lock = None
   try:
     if _DRY_RUN.value:

@@ -19,7 +19,18 @@ Performance notes (XLA:CPU; each choice is cheap or neutral on GPU/TPU):
     layout transposes; XLA:CPU transposes around `BTNH` einsums cost more than the matmuls.
   * q, k and v come from one fused [D, 3*H*Q] matmul (wider matmuls run nearer peak on CPU).
 On GPU with a 16-bit dtype the attention goes through cuDNN's fused kernel instead, unless
-padding masks it (the classifier) or a KV cache does (decoding).
+padding masks it (the classifier) or a KV cache does (decoding); `attention` picks another.
+
+GPU fast paths (fields of TransformerConfig):
+  attention    'auto' (cuDNN where it runs, else the einsum path), 'cudnn' (an error where
+               cuDNN cannot run: a CPU, or a 32-bit dtype), 'xla' (jax.nn.dot_product_attention's
+               XLA implementation) or 'einsum'.
+  remat        'none', 'dots' (keep each block's weight-matmul outputs, recompute the rest) or
+               'full' (keep only each block's input).
+  scan_layers  one `nn.scan` over the blocks: compile time stays flat with depth. Parameters
+               are then stacked, `blocks/...` with a leading layer axis instead of
+               `block_<i>/...`; `stack_layers`/`unstack_layers` convert between the two, and a
+               run started from another (config.init) takes its source's setting.
 """
 
 import dataclasses
@@ -51,8 +62,10 @@ class TransformerConfig:
   tie_embeddings: bool = True
   dropout: float = 0.0
   dtype: Any = jnp.float32  # Compute dtype; params are always float32.
-  remat: bool = False
+  remat: str = 'none'  # 'none', 'dots' or 'full' (see the module docstring).
   causal: bool = True  # False: bidirectional attention, for an encoder (never the LM).
+  attention: str = 'auto'  # 'auto', 'cudnn', 'xla' or 'einsum'.
+  scan_layers: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -81,6 +94,13 @@ class TransformerConfig:
     _check_choice('norm', m.norm, ('layernorm', 'rmsnorm'))
     _check_choice('mlp', m.mlp, ('gelu', 'swiglu'))
     _check_choice('dtype', m.dtype, tuple(_DTYPES))
+    # A run's config.json from before these fields (lm.sample reads it as saved) lacks them,
+    # or has remat as a bool.
+    attention = getattr(m, 'attention', cls.attention)
+    scan_layers = getattr(m, 'scan_layers', cls.scan_layers)
+    remat = {True: 'full', False: 'none'}.get(m.remat, m.remat)
+    _check_choice('attention', attention, _ATTENTION)
+    _check_choice('remat', remat, tuple(REMAT_POLICIES))
     if not 0.0 <= m.dropout < 1.0:
       raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1)')
     return cls(
@@ -88,7 +108,18 @@ class TransformerConfig:
         d_model=m.d_model, mlp_dim=m.mlp_dim or 4 * m.d_model, seq_len=m.seq_len,
         pos=m.pos, norm=m.norm, mlp=m.mlp, use_bias=m.use_bias,
         tie_embeddings=m.tie_embeddings, dropout=m.dropout, dtype=_DTYPES[m.dtype],
-        remat=m.remat, causal=m.causal)
+        remat=remat, causal=m.causal, attention=attention, scan_layers=scan_layers)
+
+
+_ATTENTION = ('auto', 'cudnn', 'xla', 'einsum')
+# What a rematerialised block keeps for the backward pass ('none': no remat at all).
+REMAT_POLICIES = {
+    'none': None,
+    # The outputs of matmuls against weights (no batch dimension): the attention scores and
+    # the elementwise work are recomputed, the expensive projections are not.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def _check_choice(field, value, choices):
@@ -188,9 +219,10 @@ def _rope(x_BxHxLxQ, positions_L):
   return out.astype(x_BxHxLxQ.dtype)
 
 
-def _use_cudnn(dtype) -> bool:
-  # cuDNN's fused attention takes only 16-bit inputs; elsewhere the einsum path below is best.
-  return jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
+def _cudnn_runs(dtype, head_dim: int) -> bool:
+  """Whether cuDNN's fused attention takes these inputs: 16-bit, on a GPU, head dim 8k <= 128."""
+  return (jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2 and
+          head_dim % 8 == 0 and head_dim <= 128)
 
 
 # Masked logits are finite: a row with every key masked then has equal logits, not NaN.
@@ -198,33 +230,39 @@ _MASKED = jnp.finfo(jnp.float32).min
 
 
 def _attend(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, dtype, *, causal: bool, key_mask_BxS=None,
-            query_start=None):
+            query_start=None, implementation: str = 'auto'):
   """Softmax attention on heads-major arrays.
 
   causal: query l, at absolute position query_start + l, sees the keys at positions up to its
   own; query_start is the cache index when decoding and None otherwise (queries and keys then
   both start at 0). key_mask_BxS: False at padding keys, which no query sees. A query that
   sees no key at all (a fully padded row) gets zeros, and finite gradients.
+  implementation: 'auto', 'cudnn', 'xla' or 'einsum' (TransformerConfig.attention).
   """
-  if key_mask_BxS is None and query_start is None and _use_cudnn(dtype):
-    # cuDNN only where nothing but causality masks; how it treats a query with no valid key
-    # has not been checked, so padding takes the einsum below.
-    to_blhq = lambda t: t.transpose(0, 2, 1, 3)
-    out_BxLxHxQ = jax.nn.dot_product_attention(
-        to_blhq(q_BxHxLxQ), to_blhq(k_BxHxSxQ), to_blhq(v_BxHxSxQ), is_causal=causal,
-        implementation='cudnn')
-    return out_BxLxHxQ.transpose(0, 2, 1, 3)
+  head_dim = q_BxHxLxQ.shape[-1]
+  if implementation == 'cudnn' and not _cudnn_runs(dtype, head_dim):
+    raise ConfigError(
+        f'model.attention=cudnn needs a GPU, model.dtype bfloat16 or float16 and a head dim that '
+        f'is a multiple of 8 up to 128 (here: {jax.default_backend()}, {jnp.dtype(dtype).name}, '
+        f'head dim {head_dim}); use model.attention=auto to fall back where it cannot run')
+  # cuDNN only where nothing but causality masks: how it treats a query with no valid key has
+  # not been checked, so padding and decoding take the einsum path below.
+  plain = key_mask_BxS is None and query_start is None
+  if implementation in ('auto', 'cudnn') and plain and _cudnn_runs(dtype, head_dim):
+    return _dot_product_attention(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, None, causal, 'cudnn')
+  if implementation == 'xla':
+    # Causality alone goes as is_causal; anything else as one explicit mask.
+    mask = None if plain else _mask(q_BxHxLxQ.shape[2], k_BxHxSxQ.shape[2], causal,
+                                    key_mask_BxS, query_start)
+    out_BxHxLxQ = _dot_product_attention(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, mask,
+                                         causal and plain, 'xla')
+    if key_mask_BxS is not None:  # Zeros for a query that sees no key, as below.
+      out_BxHxLxQ = out_BxHxLxQ * mask.any(axis=-1, keepdims=True).astype(out_BxHxLxQ.dtype)
+    return out_BxHxLxQ
   scale = 1.0 / math.sqrt(q_BxHxLxQ.shape[-1])
   logits_BxHxLxS = jnp.einsum('bhlq,bhsq->bhls', q_BxHxLxQ * scale, k_BxHxSxQ,
                               preferred_element_type=jnp.float32)
-  mask = None  # Broadcasts against [B, H, L, S].
-  if causal:
-    length, keys = q_BxHxLxQ.shape[2], k_BxHxSxQ.shape[2]
-    start = 0 if query_start is None else query_start
-    mask = jnp.arange(keys)[None, :] <= (start + jnp.arange(length))[:, None]  # [L, S]
-  if key_mask_BxS is not None:
-    key_Bx1x1xS = key_mask_BxS[:, None, None, :]
-    mask = key_Bx1x1xS if mask is None else mask & key_Bx1x1xS
+  mask = _mask(q_BxHxLxQ.shape[2], k_BxHxSxQ.shape[2], causal, key_mask_BxS, query_start)
   if mask is not None:
     logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, _MASKED)
   probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
@@ -233,6 +271,30 @@ def _attend(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, dtype, *, causal: bool, key_mask_Bx
     # padding's values. Elsewhere masked probabilities are already exactly 0.
     probs_BxHxLxS = jnp.where(mask, probs_BxHxLxS, 0.0)
   return jnp.einsum('bhls,bhsq->bhlq', probs_BxHxLxS.astype(dtype), v_BxHxSxQ)
+
+
+def _mask(length: int, keys: int, causal: bool, key_mask_BxS, query_start):
+  """True where a query may see a key, [B or 1, 1, L, S] (against [B, H, L, S]); None: all."""
+  mask = None
+  if causal:
+    start = 0 if query_start is None else query_start
+    mask = jnp.arange(keys)[None, :] <= (start + jnp.arange(length))[:, None]  # [L, S]
+  if key_mask_BxS is not None:
+    key_Bx1x1xS = key_mask_BxS[:, None, None, :]
+    mask = key_Bx1x1xS if mask is None else mask & key_Bx1x1xS
+  if mask is not None and mask.ndim == 2:
+    mask = mask[None, None]
+  return mask
+
+
+def _dot_product_attention(q_BxHxLxQ, k_BxHxSxQ, v_BxHxSxQ, mask_Bx1xLxS, is_causal: bool,
+                           implementation: str):
+  """jax.nn.dot_product_attention, which takes [B, L, H, Q], on heads-major arrays."""
+  to_blhq = lambda t: t.transpose(0, 2, 1, 3)
+  out_BxLxHxQ = jax.nn.dot_product_attention(
+      to_blhq(q_BxHxLxQ), to_blhq(k_BxHxSxQ), to_blhq(v_BxHxSxQ), mask=mask_Bx1xLxS,
+      is_causal=is_causal, implementation=implementation)
+  return out_BxLxHxQ.transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
@@ -263,7 +325,8 @@ class Attention(nn.Module):
     if self.decode:
       k_BxHxLxQ, v_BxHxLxQ, query_start = self._update_cache(k_BxHxLxQ, v_BxHxLxQ)
     out_BxHxLxQ = _attend(q_BxHxLxQ, k_BxHxLxQ, v_BxHxLxQ, cfg.dtype, causal=cfg.causal,
-                          key_mask_BxS=key_mask_BxS, query_start=query_start)
+                          key_mask_BxS=key_mask_BxS, query_start=query_start,
+                          implementation=cfg.attention)
     out_BxLxHQ = out_BxHxLxQ.transpose(0, 2, 1, 3).reshape(b, length, h * q)
 
     init_out = _normal(0.02 / math.sqrt(2 * cfg.num_layers))
@@ -349,7 +412,9 @@ class Trunk(nn.Module):
 
   A base class rather than a submodule, so its parameters sit at the top of either model's
   tree (`embedding`, `pos_embedding`, `block_<i>/...`, `norm_final/...`) with the same shapes
-  and logical axes: an LM checkpoint seeds a classifier, and back, by parameter path.
+  and logical axes: an LM checkpoint seeds a classifier, and back, by parameter path. With
+  scan_layers the blocks are one `blocks/...` subtree, each array stacked over the layers
+  (logical axis 'layers' first).
   """
   config: TransformerConfig
 
@@ -368,10 +433,22 @@ class Trunk(nn.Module):
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
     x_BxLxD = _constrain(x_BxLxD, _RESIDUAL)
 
-    block = nn.remat(Block) if cfg.remat else Block
-    for i in range(cfg.num_layers):
-      x_BxLxD = block(cfg, train=train, decode=decode, name=f'block_{i}')(
-          x_BxLxD, positions_L, key_mask_BxL)
+    block = Block
+    if cfg.remat != 'none':
+      # Under scan, CSE across iterations cannot undo the remat, so it need not be prevented.
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      blocks = block(cfg, train=train, decode=decode, name='blocks')
+      x_BxLxD, _ = nn.scan(
+          lambda module, x, positions, mask: (module(x, positions, mask), None),
+          variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})(blocks, x_BxLxD, positions_L,
+                                                         key_mask_BxL)
+    else:
+      for i in range(cfg.num_layers):
+        x_BxLxD = block(cfg, train=train, decode=decode, name=f'block_{i}')(
+            x_BxLxD, positions_L, key_mask_BxL)
     return Norm(cfg, name='norm_final')(x_BxLxD), embedding_VxD
 
 
@@ -482,6 +559,23 @@ def _pool(x_BxLxD, mask_BxL, pool: str):
                jnp.max(jnp.where(mask_BxL, jnp.arange(length), 0), axis=1))
     weights_BxL = jax.nn.one_hot(index_B, length, dtype=jnp.float32)
   return jnp.einsum('bld,bl->bd', x_BxLxD.astype(jnp.float32), weights_BxL)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unrolled parameters (`block_<i>/...`) as scan_layers=True has them (`blocks/...`)."""
+  out = {k: v for k, v in params.items() if not k.startswith('block_')}
+  layers = [params[f'block_{i}'] for i in range(num_layers)]
+  out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned parameters (`blocks/...`, stacked) as scan_layers=False has them (`block_<i>`)."""
+  out = {k: v for k, v in params.items() if k != 'blocks'}
+  num_layers = jax.tree.leaves(params['blocks'])[0].shape[0]
+  for i in range(num_layers):
+    out[f'block_{i}'] = jax.tree.map(lambda x: x[i], params['blocks'])
+  return out
 
 
 def init_cache(model: Transformer, batch_size: int, max_len: int):

@@ -98,6 +98,10 @@ def _layer(path: str, num_layers: int) -> int:
   m = re.search(r'(?:^|/)block_(\d+)/', path)
   if m:
     return int(m.group(1)) + 1
+  if re.search(r'(?:^|/)blocks/', path):
+    raise ConfigError('optim.layer_decay needs a learning rate per layer, which the stacked '
+                      'parameters of model.scan_layers=True cannot have; set '
+                      'model.scan_layers=False')
   if re.search(r'(?:^|/)(pos_)?embedding$', path):
     return 0
   return num_layers + 1

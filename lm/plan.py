@@ -69,6 +69,7 @@ def print_plan(config, target_device: str = '', assumed_mfu: float = 0.4,
         f'({task.items_per_step / step_s:,.0f} {task.unit}/s); {total}')
   return {'params': trainer.param_count, 'flops_per_step': flops, 'step_s': step_s,
           'param_bytes_per_device': params_b, 'opt_bytes_per_device': opt_b,
+          'temp_bytes_per_device': temp, 'assumed_mfu': assumed_mfu,
           'steps': trainer.steps}
 
 

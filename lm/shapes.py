@@ -13,7 +13,6 @@ import dataclasses
 import zipfile
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from lm import datasets
 from lm import tokenizer as tokenizer_lib
@@ -100,7 +99,7 @@ def _train_examples(n: int | None, d) -> int | None:
     return None
   if d.max_examples > 0:
     n = min(n, d.max_examples)
-  return n - int(round(d.val_fraction * n))  # As images.hold_out and labelled_text.hold_out.
+  return n - int(round(d.val_fraction * n))  # As batches.hold_out.
 
 
 def _steps_per_epoch(n_train: int | None, batch_size: int) -> int | None:
@@ -183,6 +182,7 @@ def labelled_text(config, process_count: int = 1) -> Shapes:
   info = datasets.tfds_info(d.name, d.data_dir) if d.name else None
   names, n = None, None
   if info is not None:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (TFDS runs only)
     label = info.features[d.label_key] if d.label_key in info.features else None
     names = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else None
     n = _split_count(info, d.train_split)

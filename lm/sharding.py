@@ -32,6 +32,7 @@ RULES = (
     ('heads', 'tensor'),
     ('vocab', 'tensor'),
     ('kv', None),
+    ('layers', None),  # The stacked axis of model.scan_layers: each device holds every layer.
     ('norm', None),
     ('conv_in', None),
     ('conv_out', 'fsdp'),

@@ -409,7 +409,10 @@ class ImageClassification(Classification):
                            train=False)
 
   def logits(self, params, model_state, batch, *, train: bool, rng=None):
-    return apply(self.model, params, model_state, (batch['image'],), train=train, rng=rng)
+    image = batch['image']
+    if self.data.on_device:  # Stored pixels: augmented (training) and normalised here.
+      image = self.data.prepare_on_device(image, jax.random.fold_in(rng, 1) if train else None)
+    return apply(self.model, params, model_state, (image,), train=train, rng=rng)
 
   def describe(self) -> list[str]:
     d, data = self.config.data, self.data

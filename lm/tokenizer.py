@@ -222,7 +222,13 @@ def build(data_cfg, train_text: str):
                         'least one word; set --config.data.vocab_size (e.g. 20000)')
     return WordTokenizer.from_text(train_text, data_cfg.vocab_size)
   if name == 'sentencepiece':
-    return _load_sentencepiece(data_cfg.tokenizer_path)
+    if data_cfg.tokenizer_path:
+      return _load_sentencepiece(data_cfg.tokenizer_path)
+    # No model given: train one on this run's train text (saved in the workdir like any other).
+    if data_cfg.vocab_size < 256:
+      raise ConfigError(f'data.vocab_size={data_cfg.vocab_size} is too small for a '
+                        'SentencePiece vocabulary; set --config.data.vocab_size (e.g. 8000)')
+    return SentencePieceTokenizer(train_sentencepiece(train_text, data_cfg.vocab_size))
   raise ConfigError(f'unknown tokenizer {name!r}; set --config.data.tokenizer to char, byte, '
                     'word or sentencepiece')
 

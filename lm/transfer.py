@@ -19,15 +19,18 @@ import os
 import re
 
 import jax
-import orbax.checkpoint as ocp
 
 from lm import checkpoint
+from lm.checkpoint import ocp  # Imports orbax at first use.
 from lm.config import ConfigError
 
 # Fields of config.model a text trunk shares with the run it starts from.
+# scan_layers too: it decides the parameter paths (block_<i>/... or stacked blocks/...).
 _TRUNK_FIELDS = ('num_layers', 'num_heads', 'd_model', 'mlp_dim', 'seq_len', 'pos', 'norm',
-                 'mlp', 'use_bias')
+                 'mlp', 'use_bias', 'scan_layers')
 _IMAGE_FIELDS = ('name', 'width')
+# How a text run turned text into ids (its tokenizer.json itself is reused: source_tokenizer).
+_TOKENIZER_FIELDS = ('tokenizer',)
 
 
 def sources(init_cfg) -> list[tuple[str, str]]:
@@ -55,8 +58,8 @@ def _source_config(workdir: str) -> dict:
 
 def adopt(config) -> list[str]:
   """Takes the source run's model hyperparameters where this model shares its trunk (a text
-  trunk from an LM or text classifier, an image model from an image classifier), so the
-  weights fit. Returns one line per field it changed."""
+  trunk from an LM or text classifier, with its tokenizer settings; an image model from an
+  image classifier), so the weights fit. Returns one line per field it changed."""
   notes = []
   for prefix, workdir in sources(config.init):
     if prefix:
@@ -69,12 +72,17 @@ def adopt(config) -> list[str]:
       fields = _IMAGE_FIELDS
     else:
       continue
-    for field in fields:
-      value = source['model'][field]
-      if config.model[field] != value:
-        notes.append(f'init: model.{field}={value!r} from {workdir} (the config said '
-                     f'{config.model[field]!r})')
-        config.model[field] = value
+    adopted = [('model', f) for f in fields]
+    if fields is _TRUNK_FIELDS:
+      adopted += [('data', f) for f in _TOKENIZER_FIELDS]
+    for section, field in adopted:
+      if field not in source[section]:
+        continue  # A run from before the field: it had the default.
+      value = source[section][field]
+      if config[section][field] != value:
+        notes.append(f'init: {section}.{field}={value!r} from {workdir} (the config said '
+                     f'{config[section][field]!r})')
+        config[section][field] = value
   return notes
 
 

@@ -152,3 +152,74 @@ def test_class_count_mismatch_raises_config_error(tmp_path):
   config.model.update(name='simple_cnn', num_classes=100)
   with pytest.raises(ConfigError, match='num_classes=10'):
     tasks.build(config, str(tmp_path))
+
+
+def _device_prepare(x, seed, **kwargs):
+  import jax  # pylint: disable=g-import-not-at-top
+  mean_C, std_C = np.array([120.0, 110.0, 100.0], np.float32), np.array([60.0, 50.0, 40.0],
+                                                                        np.float32)
+  f = jax.jit(lambda x, key: images.prepare_on_device(x, key, mean_C=mean_C, std_C=std_C,
+                                                      **kwargs))
+  return np.asarray(f(x, jax.random.key(seed))), mean_C, std_C
+
+
+@pytest.mark.parametrize('pad_mode', ['constant', 'reflect'])
+def test_device_augmentation_draws_the_host_crops_and_flips(pad_mode):
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  offsets, flips = [], []
+  for seed in range(12):
+    out, mean_C, std_C = _device_prepare(x, seed, augment=True, cutout=0, pad_mode=pad_mode)
+    assert out.shape == x.shape and out.dtype == np.float32
+    for b in range(len(x)):
+      # Exactly one of the host's 9 x 9 x 2 crops (each image is random, so no two match).
+      match = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+               if np.allclose(out[b], (images.crop_flip(x[b:b + 1], [dy], [dx], [flip],
+                                                        pad_mode)[0] - mean_C) / std_C,
+                              atol=1e-5)]
+      assert len(match) == 1, (seed, b, match)
+      offsets += match[0][:2]
+      flips.append(match[0][2])
+  counts = np.bincount(offsets, minlength=9)
+  # 384 uniform draws over 9 offsets: 42.7 each on average; 15 is > 4 standard deviations off.
+  assert counts.min() > 15 and counts.max() < 75, counts
+  assert 0.35 < np.mean(flips) < 0.65
+
+
+def test_device_cutout_zeroes_the_host_cutout_area():
+  x = np.full((64, 32, 32, 3), 200, np.uint8)  # Normalises to non-zero everywhere.
+  areas = []
+  for seed in range(10):
+    out, _, _ = _device_prepare(x, seed, augment=False, cutout=8)
+    zero_BxHxW = (out == 0).all(axis=-1)
+    assert ((out == 0).any(axis=-1) == zero_BxHxW).all()  # Whole pixels, all channels.
+    for z in zero_BxHxW:  # One axis-aligned rectangle of at most 8 x 8.
+      rows, cols = np.nonzero(z.any(axis=1))[0], np.nonzero(z.any(axis=0))[0]
+      assert len(rows) <= 8 and len(cols) <= 8 and z.sum() == len(rows) * len(cols)
+      assert np.ptp(rows) + 1 == len(rows) and np.ptp(cols) + 1 == len(cols)
+    areas += list(zero_BxHxW.sum(axis=(1, 2)))
+  # The host's mean area over every centre, against 640 device draws.
+  cy, cx = np.meshgrid(np.arange(32), np.arange(32))
+  host = images.cutout_mask(cy.ravel(), cx.ravel(), 8, 32, 32).sum(axis=(1, 2)).mean()
+  assert abs(np.mean(areas) - host) < 3, (np.mean(areas), host)
+
+
+def test_device_preparation_is_a_function_of_the_key_and_eval_only_normalises():
+  x = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  kwargs = dict(augment=True, cutout=8, pad_mode='reflect')
+  a, mean_C, std_C = _device_prepare(x, 3, **kwargs)
+  np.testing.assert_array_equal(_device_prepare(x, 3, **kwargs)[0], a)
+  assert not np.array_equal(_device_prepare(x, 4, **kwargs)[0], a)
+  plain = images.prepare_on_device(x, None, mean_C=mean_C, std_C=std_C, **kwargs)
+  np.testing.assert_allclose(plain, (x - mean_C) / std_C, rtol=1e-6)
+
+
+def test_on_device_batches_hold_the_stored_pixels():
+  data = _data(_config(augment_on_device=True))
+  batch = data.train_batch(7)
+  assert batch['image'].dtype == np.uint8
+  np.testing.assert_array_equal(
+      batch['image'], data.splits['train'].images_NxHxWxC[data.train_indices(7)])
+  np.testing.assert_array_equal(data.train_batch(7)['image'], batch['image'])
+  evals = data.eval_batches('validation')
+  assert evals[0]['image'].dtype == np.uint8 and evals[0]['valid'].sum() == 60

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from lm import batches
 from lm import config as config_lib
 from lm import labelled_text
 from lm import tokenizer as tokenizer_lib
@@ -313,7 +314,7 @@ def test_val_fraction_holds_out_a_fixed_part_of_train(tmp_path):
   again = labelled_text.make(c)
   np.testing.assert_array_equal(data.splits['validation'].tokens_NxL,
                                 again.splits['validation'].tokens_NxL)
-  train_rows, val_rows = labelled_text.hold_out(40, 0.25)
+  train_rows, val_rows = batches.hold_out(40, 0.25)
   assert sorted(np.concatenate([train_rows, val_rows])) == list(range(40))
 
 

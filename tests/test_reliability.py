@@ -215,12 +215,14 @@ def test_resharding_restores_identical_params(tmp_path):
 
 # Fields a resumed run may change without resume_mismatch=ignore: the length of the run,
 # logging, evaluation and checkpoint intervals, divergence handling, the data dir, the eval and
-# test splits (evaluating elsewhere is not training differently) and the mesh. Written out here,
-# not read from train.py, so that a field added there is a change this test has to be told about.
+# test splits (evaluating elsewhere is not training differently), the mesh and how the same
+# model is computed (remat, attention kernel, prefetch). Written out here, not read from
+# train.py, so that a field added there is a change this test has to be told about.
 RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_every_epochs',
              'train.eval_batches', 'train.checkpoint_every', 'train.keep_checkpoints',
              'train.profile', 'train.on_nan', 'train.max_rollbacks', 'data.data_dir',
-             'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch')
+             'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch',
+             'model.remat', 'model.attention', 'data.prefetch')
 
 # A valid other value for each field whose change must be refused; numbers and booleans
 # without an entry get one below.

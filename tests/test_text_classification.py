@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import batches
 from lm import config as config_lib
 from lm import labelled_text
 from lm import losses
@@ -95,7 +96,7 @@ def _tiny(**train_fields):
 
 def _val_texts(c):
   examples = labelled_text.read_split(c.data, 'train')
-  _, val_rows = labelled_text.hold_out(len(examples.texts), c.data.val_fraction)
+  _, val_rows = batches.hold_out(len(examples.texts), c.data.val_fraction)
   return [examples.texts[i] for i in val_rows]
 
 

@@ -121,7 +121,7 @@ def test_build_picks_by_name(tmp_path, sp_proto):
 
 @pytest.mark.parametrize('overrides,fix', [
     (dict(tokenizer='bpe'), '--config.data.tokenizer'),
-    (dict(tokenizer='sentencepiece'), '--config.data.tokenizer_path'),
+    (dict(tokenizer='sentencepiece', vocab_size=100), '--config.data.vocab_size'),
     (dict(tokenizer='sentencepiece', tokenizer_path='/nonexistent/sp.model'),
      '--config.data.tokenizer_path'),
 ])
@@ -205,3 +205,11 @@ def test_specials_are_reserved_for_words_and_appended_otherwise():
   char = tokenizer_lib.CharTokenizer.from_text('abc')
   assert tokenizer_lib.specials(char).pad_id == 3 and tokenizer_lib.specials(char).cls_id == 4
   assert char.decode([0, 3, 4, 1]) == 'ab'  # Specials decode to nothing.
+
+
+def test_sentencepiece_without_a_model_trains_one_on_the_train_text():
+  text = '\n'.join(f'the {w} sat on the mat near the {w} door' for w in
+                    ('cat', 'dog', 'bird', 'fish', 'cow', 'hen') * 40)
+  tok = tokenizer_lib.build(_data_cfg(tokenizer='sentencepiece', vocab_size=300), text)
+  assert isinstance(tok, tokenizer_lib.SentencePieceTokenizer) and tok.vocab_size <= 300
+  assert tok.decode(tok.encode('the cat sat')) == 'the cat sat'

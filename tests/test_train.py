@@ -82,6 +82,15 @@ def test_resume_is_exact(tmp_path):
   assert resumed == straight  # To the last bit.
 
 
+def test_prefetched_batches_train_exactly_as_inline_ones(tmp_path):
+  common = {'train.steps': 8, 'train.log_every': 1, 'train.eval_every': 4,
+            'train.checkpoint_every': 4}
+  run(tiny(**common, **{'data.prefetch': 0}), tmp_path / 'inline')
+  run(tiny(**common, **{'data.prefetch': 3}), tmp_path / 'ahead')
+  a, b = losses(tmp_path / 'inline'), losses(tmp_path / 'ahead')
+  assert sorted(a) == list(range(1, 9)) and a == b  # To the last bit.
+
+
 def test_train_step_compiles_once(tmp_path, caplog):
   """The step compiled ahead of the state (to keep the compiler's memory off the peak) is
   the executable the loop runs: no second compile at the first step."""

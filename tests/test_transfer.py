@@ -81,21 +81,21 @@ def test_lm_trunk_seeds_the_classifier_and_the_report_says_so(pretrained, tmp_pa
   assert np.isfinite(result['test/loss'])
 
 
-def test_the_source_tokenizer_is_reused_and_another_is_refused(pretrained, tmp_path):
-  with pytest.raises(ConfigError, match=r'used the byte tokenizer but data.tokenizer=.word.'):
-    train.Trainer(text_config(**{'init.workdir': pretrained, 'data.tokenizer': 'word'}),
-                  str(tmp_path))
+def test_the_source_tokenizer_is_reused(pretrained, tmp_path, capsys):
+  config = text_config(**{'init.workdir': pretrained, 'data.tokenizer': 'word'})
+  trainer = train.Trainer(config, str(tmp_path))
+  assert config.data.tokenizer == 'byte' and trainer.task.data.vocab_size == 258
+  assert any("data.tokenizer='byte' from" in n for n in trainer.init_notes)
 
 
 def test_a_mismatched_tree_is_refused_naming_the_path_and_shapes(pretrained, tmp_path):
-  config = cfg(TINY_LM, **{'data.tokenizer': 'char', 'model.seq_len': 32,
-                           'init.workdir': pretrained})  # 65 characters, not 256 bytes.
+  config = cfg(TINY_LM, **{'model.vocab_size': 200, 'init.workdir': pretrained})
   with pytest.raises(ConfigError, match=r'init: params/embedding is \(256, 32\) in .* but '
-                                        r'params/embedding is \(65, 32\) here'):
+                                        r'params/embedding is \(200, 32\) here'):
     train.Trainer(config, str(tmp_path)).initial_state()
   config.init.skip = 'embedding'
   state = train.Trainer(config, str(tmp_path)).initial_state()  # Named: then it is allowed.
-  assert state.params['embedding'].shape == (65, 32)
+  assert state.params['embedding'].shape == (200, 32)
 
 
 def test_an_unused_source_leaf_is_refused_unless_skipped(tmp_path):
@@ -197,6 +197,15 @@ def test_layer_decay_scales_each_block():
   assert got == {'embedding': -0.125, 'block_0': -0.25, 'block_1': -0.5, 'cls_head': -1.0}
 
 
+def test_layer_decay_refuses_the_stacked_layers_of_scan_layers():
+  c = config_lib.get_config().optim
+  c.update(layer_decay=0.5)
+  params = {'embedding': np.ones(1, np.float32), 'blocks': {'w': np.ones((2, 1), np.float32)}}
+  tx, _ = optim.make(c, steps=10, num_layers=2)
+  with pytest.raises(ConfigError, match='model.scan_layers=False'):
+    tx.init(params)
+
+
 @pytest.mark.parametrize('field,value,needle', [
     ('freeze', 'no_such_param', 'matches no parameter'),
     ('freeze', '(unclosed', 'not a valid regex'),
@@ -215,3 +224,27 @@ def test_optax_groups_keep_sharding_rules(tmp_path):
   specs = {str(s.spec) for s in jax.tree.leaves(trainer.state_shardings.opt_state)}
   assert any('fsdp' in s for s in specs)
   assert isinstance(trainer.tx, optax.GradientTransformation)
+
+
+def test_text_pretrain_then_sms_spam_fine_tunes_from_it(tmp_path, monkeypatch):
+  """The contract's two commands, shrunk: experiments/text_pretrain.py on its default corpus
+  (read from the repository root, as the command runs), then sms_spam.py from it."""
+  monkeypatch.chdir(ROOT)
+  pre = str(tmp_path / 'pre')
+  c = cfg(os.path.join(ROOT, 'experiments', 'text_pretrain.py'),
+          **{'data.max_bytes': 200_000, 'data.vocab_size': 500, 'model.num_layers': 1,
+             'model.d_model': 32, 'model.num_heads': 2, 'model.seq_len': 32,
+             'train.steps': 3, 'train.eval_every': 3, 'train.eval_batches': 2,
+             'train.checkpoint_every': 3})
+  assert np.isfinite(train.Trainer(c, pre).run()['eval/loss'])
+  ft = text_config(**{'init.workdir': pre, 'data.data_dir': os.path.join(SHARED, 'text',
+                                                                          'sms_spam')})
+  trainer = train.Trainer(ft, str(tmp_path / 'ft'))
+  # The pretraining run's trunk and SentencePiece model are taken, whatever sms_spam.py says.
+  assert (ft.model.num_layers, ft.model.d_model, ft.data.tokenizer) == (1, 32, 'sentencepiece')
+  assert trainer.task.data.vocab_size == 502  # Its 500 pieces, then [PAD] and [CLS].
+  source = params_of(pre, c)
+  state = jax.device_get(trainer.initial_state())
+  jax.tree.map(np.testing.assert_array_equal, state.params['block_0'], source['block_0'])
+  np.testing.assert_array_equal(state.params['embedding'][:500], source['embedding'])
+  assert 0.0 <= trainer.run()['test/f1'] <= 1.0
