@@ -1,6 +1,6 @@
 r"""Breaks the code on purpose, one claim at a time, and checks that a test catches each break.
 
-  python -m tests.breakages                 # all 34: 17 min on 2 cores shared with other work
+  python -m tests.breakages                 # all 34: 9-17 min on 2 cores shared with others
   python -m tests.breakages --list          # the table: name, file, the tests that must fail
   python -m tests.breakages --only grad-accum-sums --only nan-guard-params-only
 
@@ -19,8 +19,8 @@ the system's temporary directory for the next run (`--jax_cache=` for a fresh, t
 one); JAX keys it by the program, so a broken program never reuses an unbroken one's code.
 
 Exit status 1 if any breakage survives or errors. Not part of the README's test command: slow.
-On 2 CPU cores under a load average of about 15 (2026-11-30) it took 999 s wall, 6 minutes of
-CPU: the baseline 358 s, then 2-46 s a breakage.
+On 2 CPU cores shared with other work (2026-11-30) it took 548 s wall and 6 minutes of CPU (the
+baseline 256 s, then 1-21 s a breakage); under a load average of 15, 999 s.
 """
 
 import argparse
