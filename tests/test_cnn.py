@@ -171,6 +171,38 @@ def test_batch_norm_over_a_batch_sharded_on_8_devices_matches_one_device():
                one, eight)
 
 
+def test_batch_norm_statistics_are_those_of_the_global_batch():
+  """4 rows on each of 8 devices, each device's rows shifted by its own offset: the
+  statistics BatchNorm normalises with (and keeps as running averages) are the whole batch's,
+  computed here in numpy. Per-device statistics would differ (each slice has its own mean, so
+  its variance is far below the global one); comparing 1 with 8 devices would not see that
+  when the per-device code also runs on one device."""
+  model = _tiny_resnet()
+  rng = np.random.default_rng(3)
+  offsets = np.repeat(np.arange(8.0), 4)[:, None, None, None]  # Device d's rows: + d.
+  x = jnp.asarray(rng.normal(size=(32, 8, 8, 3)) + offsets, jnp.float32)
+  variables = _init(model, x[:1])
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  x8 = jax.device_put(x, NamedSharding(mesh, P('data')))
+  assert {len(s.data) for s in x8.addressable_shards} == {4}
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                             capture_intermediates=True))
+  _, state = forward(jax.device_put(variables, NamedSharding(mesh, P())), x8)
+
+  # The first BatchNorm sees the stem conv's output, recomputed here on one device.
+  stem = np.asarray(nn.Conv(8, (3, 3), padding=1, use_bias=False).apply(
+      {'params': variables['params']['Conv_0']}, x), np.float64)
+  mean_C, var_C = stem.mean(axis=(0, 1, 2)), stem.var(axis=(0, 1, 2))
+  stats = state['batch_stats']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], 0.1 * mean_C, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * var_C, rtol=1e-4, atol=1e-5)
+  normalised = (stem - mean_C) / np.sqrt(var_C + 1e-5)
+  scale = np.asarray(variables['params']['BatchNorm_0']['scale'])
+  bias = np.asarray(variables['params']['BatchNorm_0']['bias'])
+  out = state['intermediates']['BatchNorm_0']['__call__'][0]
+  np.testing.assert_allclose(out, normalised * scale + bias, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize('size,channels,kernel,strides,padding', [
     (8, 3, 3, 1, 1),       # a stem: 3 input channels
     (8, 4, 3, 2, 1),       # a strided 3x3 conv on an even input: four phases

@@ -223,6 +223,19 @@ def test_integer_fields_take_float_notation(tmp_path):
   assert json.load(open(tmp_path / 'DONE'))['step'] == 10
 
 
+def test_divergence_exits_3_with_one_line_naming_the_step(tmp_path):
+  """lr=1e30: the first update makes params of ~1e30 and the next loss is not finite."""
+  result = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.optim.lr=1e30',
+                   '--config.optim.warmup_steps=0', '--config.train.steps=10',
+                   '--config.train.checkpoint_every=100', '--config.train.eval_every=0')
+  assert result.returncode == 3, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('error: loss, gradient or new state is not finite at step ')
+  assert 'train.on_nan=stop' in lines[0] and 'there is no checkpoint yet' in lines[0]
+  assert not (tmp_path / 'DONE').exists()
+
+
 def test_a_failed_start_leaves_the_workdir_fresh(tmp_path):
   bad = lm_main(f'--config={TINY}', f'--workdir={tmp_path}', '--config.model.seq_len=2000000')
   assert bad.returncode == 2

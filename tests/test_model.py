@@ -325,3 +325,32 @@ def test_flops_per_token_matches_param_count():
   positions = TINY.seq_len * TINY.d_model
   attention = 12 * TINY.num_layers * TINY.d_model * TINY.seq_len
   assert model_lib.flops_per_token(TINY) == 6 * (total - norms - positions) + attention
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu',
+                    reason='cuDNN fused attention needs an NVIDIA GPU; elsewhere _attend always '
+                           'takes the einsum path, which the other tests cover')
+def test_cudnn_attention_equals_the_einsum_path_and_is_causal_in_bf16():
+  """The kernel itself (test_cudnn_attention_matches_einsum compares whole models): really
+  cuDNN's, causal, and equal to the einsum path in bf16."""
+  b, h, length, q = 2, 4, 128, 64
+  q_, k_, v_ = (jax.random.normal(key, (b, h, length, q), jnp.bfloat16)
+                for key in jax.random.split(jax.random.key(0), 3))
+  assert model_lib._cudnn_runs(jnp.bfloat16, q)
+  attend = lambda impl: jax.jit(lambda q, k, v: model_lib._attend(
+      q, k, v, jnp.bfloat16, causal=True, implementation=impl))
+  fused, einsum = attend('cudnn'), attend('einsum')
+  assert 'cudnn' in fused.lower(q_, k_, v_).as_text().lower()  # The fused kernel, really.
+  assert 'cudnn' not in einsum.lower(q_, k_, v_).as_text().lower()
+  out = np.asarray(fused(q_, k_, v_), np.float32)
+
+  # Causal: keys and values after position t change nothing at or before t.
+  t = 50
+  k2 = k_.at[:, :, t + 1:].set(jax.random.normal(jax.random.key(1), k_[:, :, t + 1:].shape,
+                                                 jnp.bfloat16))
+  v2 = v_.at[:, :, t + 1:].multiply(-3)
+  out2 = np.asarray(fused(q_, k2, v2), np.float32)
+  np.testing.assert_allclose(out2[:, :, :t + 1], out[:, :, :t + 1], atol=1e-6)
+  assert np.abs(out2[:, :, t + 1:] - out[:, :, t + 1:]).max() > 0.1
+  np.testing.assert_allclose(out, np.asarray(einsum(q_, k_, v_), np.float32), atol=2e-2,
+                             rtol=2e-2)

@@ -44,6 +44,16 @@ def logged_steps(workdir):
   return [json.loads(l)['step'] for l in open(path) if l.strip().endswith('}')]
 
 
+def train_steps(workdir):
+  """Steps of the training rows of metrics.jsonl (every 10 steps), in the order written."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  rows = [json.loads(l) for l in open(path) if l.strip().endswith('}')]
+  return [r['step'] for r in rows if 'train/loss' in r]
+
+
+EVERY_ROW = list(range(10, 301, 10))  # tiny_cnn_config: 300 steps, a row every 10.
+
+
 def done(workdir):
   return json.load(open(os.path.join(workdir, 'DONE')))
 
@@ -70,7 +80,10 @@ def test_sigterm_saves_exits_zero_and_resumes_to_the_same_result(tmp_path, refer
   t0 = time.time()
   code, out, err = finish(start(workdir))
   assert code == 0, err
-  assert f'resuming from' in out and out.count('resuming') == 1
+  assert 'resuming from' in out and out.count('resuming') == 1
+  # Each row once: the restart went on from step `stopped`. A retrain from step 0 would reach
+  # the same loss, but would log the first rows twice.
+  assert train_steps(workdir) == EVERY_ROW
   assert done(workdir)['eval/loss'] == reference['eval/loss']  # To the last bit.
   print(f'SIGTERM at step {stopped}: 0 steps lost, resume and finish took {time.time() - t0:.1f}s')
 
@@ -89,10 +102,16 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(tmp_path, reference, 
   proc.kill()
   proc.wait()
   complete = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  before = train_steps(workdir)
   code, out, err = finish(start(workdir))
   assert code == 0, err
   if complete:
     assert f'resuming from {os.path.abspath(ckpts)}/{complete[-1]}' in out
+  # The restart logs the rows after its checkpoint, once each, after the killed run's rows
+  # (which may go past the checkpoint: those steps are the ones lost and replayed).
+  after = train_steps(workdir)
+  assert after[:len(before)] == before
+  assert after[len(before):] == [s for s in EVERY_ROW if s > (complete or [0])[-1]]
   assert not glob.glob(os.path.join(ckpts, '*tmp*'))  # The half-written save was removed.
   assert done(workdir)['eval/loss'] == reference['eval/loss']
 
@@ -137,4 +156,5 @@ def test_two_sigterms_close_together_still_save(tmp_path, reference):
   assert 'KeyboardInterrupt' not in err
   code, out, err = finish(start(workdir))
   assert code == 0, err
+  assert train_steps(workdir) == EVERY_ROW
   assert done(workdir)['eval/loss'] == reference['eval/loss']

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 
 import jax
@@ -48,6 +49,17 @@ def all_finite(tree):
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
+def keep_saves(trainer) -> dict:
+  """{step: the state as it was handed to the checkpoint}: the reference a restore must equal."""
+  saved, save = {}, trainer._save
+
+  def saving(step, state):
+    saved[step] = jax.device_get(state)
+    save(step, state)
+  trainer._save = saving
+  return saved
+
+
 def test_divergence_stops_naming_the_step_and_last_good_checkpoint(tmp_path):
   trainer = train.Trainer(tiny_cnn(), str(tmp_path))
   poison(trainer, 7)
@@ -68,27 +80,95 @@ def test_divergence_rolls_back_and_skips_the_batch(tmp_path):
     assert all_finite(train.checkpoint.restore(trainer.ckpt, step, trainer.abstract_state))
 
 
-def test_rollback_gives_up_after_max_rollbacks(tmp_path):
-  config = tiny_cnn(**{'train.on_nan': 'rollback', 'train.max_rollbacks': 0})
-  trainer = train.Trainer(config, str(tmp_path))
-  poison(trainer, 3)
-  with pytest.raises(train.Diverged, match='after 0 rollbacks|train.on_nan=stop|step 3'):
-    trainer.run()
+class Killed(Exception):
+  """Stands for a SIGKILL: the run dies where it is, saving nothing."""
+
+
+def test_a_restart_after_a_rollback_trains_on_the_same_spare_batch(tmp_path, capsys):
+  """Killed after rolling back step 7 but before the next checkpoint, the run restarts from
+  checkpoint 5; skipped_steps.json makes it train step 7 on the spare batch at once (not on the
+  bad batch again), and it ends bit-identical to a run that was never interrupted."""
+  config = tiny_cnn(**{'train.on_nan': 'rollback'})  # 12 steps, checkpoints at 5, 10, 12.
+
+  def trainer_with_bad_batch(workdir, kill_at=None):
+    trainer = train.Trainer(config, str(workdir))
+    poison(trainer, 7)
+    seen, poisoned = [], trainer.task.data.train_batch
+
+    def train_batch(index):
+      if index == kill_at and 12 in seen:  # After the rollback, before checkpoint 10.
+        raise Killed
+      seen.append(index)
+      return poisoned(index)
+    trainer.task.data.train_batch = train_batch
+    return trainer, seen
+
+  straight, _ = trainer_with_bad_batch(tmp_path / 'straight')
+  reference = keep_saves(straight)
+  straight.run()
+  assert json.load(open(tmp_path / 'straight' / 'skipped_steps.json')) == [7]
+
+  killed, seen = trainer_with_bad_batch(tmp_path / 'killed', kill_at=9)
+  with pytest.raises(Killed):
+    killed.run()
+  assert 12 in seen and killed.ckpt.all_steps() == [5]
+  assert json.load(open(tmp_path / 'killed' / 'skipped_steps.json')) == [7]
+  capsys.readouterr()
+
+  restarted, seen = trainer_with_bad_batch(tmp_path / 'killed')
+  saved = keep_saves(restarted)
+  restarted.run()
+  assert seen == [5, 6, 12, 8, 9, 10, 11]  # Step 7 on the spare batch; batch 7 never again.
+  assert 'rolling back' not in capsys.readouterr().out
+  assert json.load(open(tmp_path / 'killed' / 'skipped_steps.json')) == [7]
+  jax.tree.map(np.testing.assert_array_equal, saved[12], reference[12])
 
 
 def test_nonfinite_step_leaves_the_state_unchanged(tmp_path):
-  trainer = train.Trainer(tiny_cnn(), str(tmp_path))
+  """All of it: params, optimizer state (Adam's moments and count) and the EMA, not only the
+  params; a NaN gradient let into Adam's moments poisons every later step."""
+  trainer = train.Trainer(tiny_cnn(**{'train.ema_decay': 0.9}), str(tmp_path))
   state = trainer.initial_state()
-  before = jax.device_get(state)
-  batch = trainer.task.data.train_batch(0)
-  batch['image'][:] = np.nan
   from lm import sharding  # pylint: disable=g-import-not-at-top
+  # One finite step first, so that the optimizer state and the EMA are not their initial
+  # values (a guard that reset them would pass otherwise).
+  state, metrics = trainer.train_step(
+      state, sharding.to_global(trainer.task.data.train_batch(0), trainer.mesh))
+  assert bool(metrics['finite'])
+  before = jax.device_get(state)
+  assert before.ema_params is not None
+  batch = trainer.task.data.train_batch(1)
+  batch['image'][:] = np.nan
   new, metrics = trainer.train_step(state, sharding.to_global(batch, trainer.mesh))
   assert not bool(metrics['finite'])
-  assert int(new.step) == 1
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), before.params)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.model_state),
-               before.model_state)
+  new = jax.device_get(new)
+  assert int(new.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, new.replace(step=before.step), before)
+
+
+def test_nonfinite_step_keeps_the_model_state():
+  """The guard also keeps non-trainable state (BatchNorm statistics) that a NaN batch moves."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from lm import steps  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(params, model_state, batch, rng):
+    del rng
+    mean = 0.9 * model_state['stats']['mean'] + 0.1 * batch['x'].mean()
+    loss = jnp.mean((batch['x'] * params['w'] - 1.0) ** 2)
+    return loss, {'model_state': {'stats': {'mean': mean}}, 'metrics': {}}
+
+  tx = optax.adam(0.1)
+  params = {'w': jnp.ones(3)}
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           model_state={'stats': {'mean': jnp.ones(())}}, ema_params=params)
+  step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=loss_fn, tx=tx, seed=0,
+                                               ema_decay=0.5))
+  state, _ = step(state, {'x': jnp.full((4, 3), 2.0)})
+  before = jax.device_get(state)
+  new, metrics = step(state, {'x': jnp.full((4, 3), jnp.nan)})
+  assert not bool(metrics['finite'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new).replace(step=before.step),
+               before)
 
 
 @pytest.fixture
@@ -116,15 +196,111 @@ def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(small_disk):
 
 def test_resharding_restores_identical_params(tmp_path):
   eight = tiny_cnn(**{'mesh.data': 2, 'mesh.fsdp': 4, 'train.steps': 5})
-  train.Trainer(eight, str(tmp_path)).run()
-  reference = jax.device_get(train.Trainer(eight, str(tmp_path)).initial_state().params)
+  writer = train.Trainer(eight, str(tmp_path))
+  saved = keep_saves(writer)
+  writer.run()
+  # The reference is the state the 8-device run saved, not another restore of it.
+  reference = saved[5]
+  assert int(reference.step) == 5
   for devices, mesh in ((2, {'mesh.data': 1, 'mesh.fsdp': 2}), (1, {'mesh.data': 1})):
     config = tiny_cnn(**mesh, **{'train.steps': 8})
     trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:devices])
-    restored = jax.device_get(trainer.initial_state().params)
-    jax.tree.map(np.testing.assert_array_equal, restored, reference)
+    restored = trainer.initial_state()
+    assert {d.id for d in jax.tree.leaves(restored.params)[0].sharding.device_set} == {
+        d.id for d in jax.devices()[:devices]}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), reference)
   trainer.run()  # Training continues on the smaller mesh.
   assert trainer.ckpt.latest_step() == 8
+
+
+# Fields a resumed run may change without resume_mismatch=ignore: the length of the run,
+# logging, evaluation and checkpoint intervals, divergence handling, the data dir, the eval and
+# test splits (evaluating elsewhere is not training differently), the mesh and how the same
+# model is computed (remat, attention kernel, prefetch). Written out here, not read from
+# train.py, so that a field added there is a change this test has to be told about.
+RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_every_epochs',
+             'train.eval_batches', 'train.checkpoint_every', 'train.keep_checkpoints',
+             'train.profile', 'train.on_nan', 'train.max_rollbacks', 'data.data_dir',
+             'data.eval_split', 'data.test_split', 'mesh.', 'resume_mismatch',
+             'model.remat', 'model.attention', 'data.prefetch')
+
+# A valid other value for each field whose change must be refused; numbers and booleans
+# without an entry get one below.
+OTHER_VALUE = {
+    'task': 'classify_text', 'data.name': 'tiny_shakespeare', 'data.text_key': 'sentence',
+    'data.train_split': 'train[:200]', 'data.tokenizer': 'byte',
+    'data.tokenizer_path': '/tmp/sp.model', 'data.crop_padding': 'reflect',
+    'data.positive_label': 'cat', 'data.label_key': 'category', 'model.name': 'mlp',
+    'model.pos': 'rope', 'model.norm': 'rmsnorm', 'model.mlp': 'swiglu',
+    'model.dtype': 'bfloat16', 'model.pool': 'cls', 'train.loss': 'focal',
+    'train.class_weights': 'balanced', 'optim.name': 'sgd', 'optim.schedule': 'cosine',
+    'optim.step_boundaries': (0.25, 0.75), 'seed': 1, 'optim.b1': 0.8, 'optim.b2': 0.98,
+    'optim.momentum': 0.8, 'train.ema_decay': 0.99, 'data.val_fraction': 0.1,
+    'train.label_smoothing': 0.1, 'train.batch_size': 16, 'train.grad_accum_steps': 2,
+    'model.dropout': 0.1, 'model.head_dropout': 0.1, 'data.max_len': 32,
+    'data.max_bytes': 1_000_000, 'model.mlp_dim': 64, 'model.vocab_size': 256,
+    'model.hidden': (64,), 'optim.freeze': 'Conv_0', 'optim.lr_mults': 'Dense_0=0.1',
+    'init.skip': 'Dense_0',
+}
+
+
+def _fields(config, prefix=''):
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      yield from _fields(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _other_value(field, value):
+  if field in OTHER_VALUE:
+    return OTHER_VALUE[field]
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value * 2 if value else 1
+  raise AssertionError(f'give {field} another valid value in OTHER_VALUE')
+
+
+REFUSED = [f for f, _ in _fields(tiny_cnn()) if not f.startswith(RESUMABLE)]
+
+
+def test_config_drift_allows_the_documented_changes(trained_workdir, capsys):
+  changes = {'train.steps': 3, 'train.log_every': 2, 'train.eval_every': 2,
+             'train.eval_every_epochs': 0.5, 'train.eval_batches': 3,
+             'train.checkpoint_every': 2, 'train.keep_checkpoints': 2, 'train.profile': True,
+             'train.on_nan': 'rollback', 'train.max_rollbacks': 5,
+             'data.data_dir': os.path.join(TFDS, ''), 'data.eval_split': 'test[:16]',
+             'data.test_split': 'test[:8]', 'mesh.cpu_devices': 1}
+  assert all(f.startswith(RESUMABLE) for f in changes)
+  train.Trainer(tiny_cnn(**changes), str(trained_workdir), devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  for field in changes:
+    assert f'resuming with a changed config: {field}: ' in out
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """A workdir with the tiny CNN's config.json and a checkpoint: what the drift check reads."""
+  workdir = tmp_path_factory.mktemp('drift')
+  train.Trainer(tiny_cnn(**{'train.steps': 1}), str(workdir), devices=jax.devices()[:1]).run()
+  return workdir
+
+
+@pytest.mark.parametrize('field', REFUSED)
+def test_config_drift_refuses_every_field_that_changes_the_run(trained_workdir, field):
+  config = tiny_cnn(**{'train.steps': 2})
+  section, _, name = field.rpartition('.')
+  target = config[section] if section else config
+  old = target[name]
+  # init.workdir must name a run with a checkpoint; the trained one is such a run.
+  new = str(trained_workdir) if field == 'init.workdir' else _other_value(field, old)
+  assert new != old
+  target[name] = new
+  config_lib.check_values(config)  # A valid value: refused for the change, not the value.
+  with pytest.raises(ConfigError,
+                     match=rf'was trained with a different config \((.*; )?{re.escape(field)}: '):
+    train.Trainer(config, str(trained_workdir), devices=jax.devices()[:1])
 
 
 def test_config_drift_lists_the_fields(tmp_path):
@@ -220,6 +396,8 @@ def test_rollback_messages_say_what_happened(tmp_path, capsys):
 
 
 def test_max_rollbacks_zero_names_it(tmp_path):
+  """With on_nan=rollback and max_rollbacks=0 the run gives up at the first bad step, and the
+  message says so, not 'train.on_nan=stop' (what it said when it tested rollbacks > 1)."""
   config = tiny_cnn(**{'train.on_nan': 'rollback', 'train.max_rollbacks': 0})
   trainer = train.Trainer(config, str(tmp_path))
   poison(trainer, 3)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,6 +76,39 @@ def test_greedy_is_argmax_of_full_forward_and_top1_matches():
   top1 = sample.generate(model, params, prompt, 6, temperature=0.7, top_k=1,
                          rng=jax.random.key(3))
   np.testing.assert_array_equal(top1, greedy)
+
+
+@pytest.mark.parametrize('temperature, top_k', [(0.5, 0), (2.0, 0), (0.7, 3)])
+def test_sampling_draws_from_the_softmax_at_the_temperature(temperature, top_k):
+  """One draw per row equals jax.random.categorical of logits / T (after top-k) with the same
+  key: the same key at another temperature draws other tokens, so ignoring T shows."""
+  logits = jax.random.normal(jax.random.key(0), (256, TINY.vocab_size)) * 3
+  key = jax.random.key(7)
+  got = sample._choose(logits, key, jnp.float32(temperature), top_k, False)
+  scaled = logits / temperature
+  if top_k:
+    kth = jnp.sort(scaled, axis=-1)[:, -top_k][:, None]
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    top = np.argsort(np.asarray(logits), axis=-1)[:, -top_k:]
+    assert (top == np.asarray(got)[:, None]).any(axis=1).all()
+  np.testing.assert_array_equal(got, jax.random.categorical(key, scaled, axis=-1))
+  untempered = jax.random.categorical(key, jnp.where(jnp.isinf(scaled), -jnp.inf, logits),
+                                      axis=-1)
+  assert (np.asarray(got) != np.asarray(untempered)).mean() > 0.05  # T matters at this key.
+
+
+def test_a_cold_temperature_samples_the_greedy_tokens():
+  """Through generate: T=0.01 sharpens the softmax onto the argmax; T=1 would not."""
+  model, params = _model_and_params()
+  prompt = np.array([4, 1])
+  greedy = sample.generate(model, params, prompt, 8, temperature=0.0, top_k=0,
+                           rng=jax.random.key(0))
+  cold = sample.generate(model, params, prompt, 8, temperature=0.01, top_k=0,
+                         rng=jax.random.key(5))
+  np.testing.assert_array_equal(cold, greedy)
+  warm = [sample.generate(model, params, prompt, 8, temperature=1.0, top_k=0,
+                          rng=jax.random.key(seed)) for seed in range(5, 8)]
+  assert any((w != greedy).any() for w in warm)  # So the check above can fail.
 
 
 def test_generation_past_the_context_slides_the_window():
