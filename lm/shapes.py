@@ -38,6 +38,9 @@ class Shapes:
   tokens_per_batch: int = 0  # Language modelling: tokens in a global batch.
   max_len: int = 0       # Text classification: tokens per row.
   class_names: tuple[str, ...] = ()  # Classifiers.
+  # Images: the stand-in batches are float pixels, normalised; the plan compiles the step
+  # without data.augment_on_device's in-step crop and normalisation.
+  on_device: bool = False
 
   @property
   def num_classes(self) -> int:

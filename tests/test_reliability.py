@@ -240,8 +240,14 @@ OTHER_VALUE = {
     'model.dropout': 0.1, 'model.head_dropout': 0.1, 'data.max_len': 32,
     'data.max_bytes': 1_000_000, 'model.mlp_dim': 64, 'model.vocab_size': 256,
     'model.hidden': (64,), 'optim.freeze': 'Conv_0', 'optim.lr_mults': 'Dense_0=0.1',
-    'init.skip': 'Dense_0',
+    'init.skip': 'Dense_0', 'data.alpha': 'channel', 'data.image_key': 'picture',
+    'model.fusion': 'average', 'model.image_model': 'mlp', 'prune.params': 'Conv_0',
+    'prune.pattern': '2:4', 'prune.scope': 'global', 'prune.skip': 'Conv_0',
+    'quant.export': 'int8',
 }
+# Fields refused before the drift check, with their own message.
+OWN_REFUSAL = {'quant.int8': 'quant.int8 is for evaluation',
+               'quant.export': 'holds an int8 export of weights'}
 
 
 def _fields(config, prefix=''):
@@ -294,12 +300,14 @@ def test_config_drift_refuses_every_field_that_changes_the_run(trained_workdir, 
   target = config[section] if section else config
   old = target[name]
   # init.workdir must name a run with a checkpoint; the trained one is such a run.
-  new = str(trained_workdir) if field == 'init.workdir' else _other_value(field, old)
+  new = (str(trained_workdir) if field in ('init.workdir', 'distill.teacher_workdir') else
+         _other_value(field, old))
   assert new != old
   target[name] = new
   config_lib.check_values(config)  # A valid value: refused for the change, not the value.
-  with pytest.raises(ConfigError,
-                     match=rf'was trained with a different config \((.*; )?{re.escape(field)}: '):
+  drift = rf'was trained with a different config \((.*; )?{re.escape(field)}: '
+  with pytest.raises(ConfigError, match=re.escape(OWN_REFUSAL[field]) if field in OWN_REFUSAL
+                     else drift):
     train.Trainer(config, str(trained_workdir), devices=jax.devices()[:1])
 
 
