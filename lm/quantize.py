@@ -415,13 +415,6 @@ def main(argv):
   print(json.dumps({k: v for k, v in report.items() if k != 'layers'}, sort_keys=True))
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr, flush=True)
-    sys.exit(2)
-
 
 if __name__ == '__main__':
   # Defined here, not on import: lm.model imports this module. --workdir is lm/cli.py's, the
@@ -429,4 +422,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('output', None, 'New directory for the export.')
   flags.DEFINE_enum('dtype', 'int8', ['int8', 'float32'],
                     'int8 weights and scales, or float32 weights (a same-format baseline).')
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

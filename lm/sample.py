@@ -126,14 +126,6 @@ def main(argv):
   print(_PROMPT.value + tokenizer.decode(new))
 
 
-def _parse_flags(argv):
-  """absl's parsing, but a bad flag is one `error:` line and exit code 2, as in lm.main."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr, flush=True)
-    sys.exit(2)
-
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
