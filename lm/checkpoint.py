@@ -74,6 +74,22 @@ def reader(workdir: str, handler=None) -> ocp.CheckpointManager:
   return manager(workdir, read_only=True, handler=handler)
 
 
+def saved_weights(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, str]:
+  """The metadata tree of checkpoint `step`, and which of its entries holds the weights to
+  reuse: the EMA when the run kept one, else the parameters."""
+  meta = mngr.item_metadata(step)
+  meta = getattr(meta, 'tree', meta)
+  return meta, 'ema_params' if meta.get('ema_params') is not None else 'params'
+
+
+def restore_part(mngr: ocp.CheckpointManager, step: int, item: dict) -> dict:
+  """Only the entries of `item` (abstract arrays carrying their target shardings) from
+  checkpoint `step` of a reader opened with the PyTree handler."""
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+  return mngr.restore(step, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+
+
 def latest_step(workdir: str) -> int | None:
   """The newest complete checkpoint's step, listed as orbax lists them; opens no manager."""
   directory = _directory(workdir)

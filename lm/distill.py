@@ -111,16 +111,12 @@ class Teacher:
     mngr = checkpoint.reader(self.workdir, handler=ocp.PyTreeCheckpointHandler())
     try:
       step = mngr.latest_step()
-      meta = mngr.item_metadata(step)
-      meta = getattr(meta, 'tree', meta)
-      weights = 'ema_params' if meta.get('ema_params') is not None else 'params'
+      meta, weights = checkpoint.saved_weights(mngr, step)
       _check_shapes(meta[weights], self.abstract['params'], self.workdir)
       item = {weights: self.abstract['params']}
       if self.abstract['model_state']:
         item['model_state'] = self.abstract['model_state']
-      restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-      restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
+      restored = checkpoint.restore_part(mngr, step, item)
     except ConfigError:
       raise
     except Exception as e:  # pylint: disable=broad-except  orbax/tensorstore raise many kinds.

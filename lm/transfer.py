@@ -139,9 +139,7 @@ def load(state, abstract_state, init_cfg, is_main: bool = True):
       if step not in mngr.all_steps():
         raise ConfigError(f'init.step={step} is not a checkpoint of {workdir} (it has '
                           f'{mngr.all_steps()}); fix --config.init.step')
-      meta = mngr.item_metadata(step)
-      meta = getattr(meta, 'tree', meta)
-      weights = 'ema_params' if meta.get('ema_params') is not None else 'params'
+      meta, weights = checkpoint.saved_weights(mngr, step)
       source = {**_flat(meta[weights], 'params/'), **_flat(meta.get('model_state') or {}, '')}
       item, plan = {}, {}
       for path, m in source.items():
@@ -170,9 +168,7 @@ def load(state, abstract_state, init_cfg, is_main: bool = True):
           node = node.setdefault(part, {})
         node[parts[-1]] = jax.ShapeDtypeStruct(tuple(m.shape), want.dtype, sharding=sharding)
         plan[here] = (collection, parts)
-      restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-      restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
+      restored = checkpoint.restore_part(mngr, step, item)
     except ConfigError:
       raise
     except Exception as e:  # pylint: disable=broad-except  orbax/tensorstore raise many kinds.
