@@ -160,3 +160,10 @@ def test_bad_input_is_one_line_and_exit_2(spam_run, tmp_path, case, needle):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], result.stderr
   assert result.stdout == ''
+
+
+def test_a_mistyped_flag_is_one_error_line_and_exit_2():
+  result = _run('lm.predict', '--workdirr=/tmp/x', '--text=hi')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().startswith("error: Unknown command line flag 'workdirr'")
+  assert len(result.stderr.strip().splitlines()) == 1
