@@ -100,8 +100,10 @@ def _worker(workdir, experiment):
 
   def counted(split):
     for b in batches(split):
-      x = b['tokens'] if 'tokens' in b else b['image']
-      count[0] += x.shape[0] * (x.shape[1] if 'tokens' in b else 1)
+      if 'tokens' in b:
+        count[0] += b['tokens'].size
+      else:  # Images: the padding rows that fill the last batch are not images.
+        count[0] += int(b['valid'].sum()) if 'valid' in b else len(b['image'])
       yield b
   trainer.task.eval_batches = counted
   start = time.perf_counter()
