@@ -1,5 +1,5 @@
 """benchmarks/compression.py: every family's flags name real config fields, and the table has a
-column per metric (the text family reports spam F1 and accuracy)."""
+column per metric (the text family reports spam F1, accuracy and ROC AUC)."""
 
 import importlib.util
 import os
@@ -58,10 +58,11 @@ def test_table_has_a_column_per_metric():
   module = _module()
   row = {'quantize_report': {'float32_weight_bytes': 4000}, 'bytes_on_disk': 1234,
          'nonzero_params': 500,
-         'eval': {'test/f1': 0.91234, 'test/accuracy': 0.98765, 'items_per_s': 1500.4}}
+         'eval': {'test/f1': 0.91234, 'test/accuracy': 0.98765, 'test/roc_auc': 0.99,
+                  'items_per_s': 1500.4}}
   lines = module.table({'rows': {'pruned 50%': row}},
                        module.FAMILIES['text']['metrics']).splitlines()
   assert lines[0] == ('| model | parameters (nonzero) | bytes on disk | test/f1 | test/accuracy '
-                      '| eval items/s |')
-  assert lines[1].count('---') == 6
-  assert lines[2] == '| pruned 50% | 1,000 (500) | 1,234 | 0.9123 | 0.9877 | 1,500 |'
+                      '| test/roc_auc | eval items/s |')
+  assert lines[1].count('---') == 7
+  assert lines[2] == '| pruned 50% | 1,000 (500) | 1,234 | 0.9123 | 0.9877 | 0.9900 | 1,500 |'
