@@ -97,7 +97,6 @@ def _test_at(workdir: str, step: int) -> dict:
   from lm import train  # pylint: disable=g-import-not-at-top
   config = checkpoint.load_config(workdir)
   config.data.test_split = 'test'
-  config.resume_mismatch = 'ignore'  # Only which split is evaluated differs.
   trainer = train.Trainer(config, workdir)
   if step not in trainer.ckpt.all_steps():
     raise SystemExit(f'{workdir}: no checkpoint at step {step} (have {trainer.ckpt.all_steps()});'

@@ -38,6 +38,9 @@ CELLS = {
     'sst2_10pct': ('sst2', 'text/sst2', 'eval/accuracy', 300, ['--config.data.train_fraction=0.1']),
     'sst2_1pct': ('sst2', 'text/sst2', 'eval/accuracy', 105, ['--config.data.train_fraction=0.01']),
     'sms_all': ('sms_spam', 'text/sms_spam', 'test/f1', 375, []),
+    # 367 and 37 labelled messages (about 48 and 5 spam): 10 and about 35 passes over them.
+    'sms_10pct': ('sms_spam', 'text/sms_spam', 'test/f1', 115, ['--config.data.train_fraction=0.1']),
+    'sms_1pct': ('sms_spam', 'text/sms_spam', 'test/f1', 40, ['--config.data.train_fraction=0.01']),
 }
 _TRUNK = ('num_layers', 'num_heads', 'd_model', 'mlp_dim', 'seq_len')
 

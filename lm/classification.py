@@ -110,7 +110,9 @@ def per_class_report(confusion_KxK, class_names) -> tuple[dict, str]:
 
   The report holds 'accuracy', 'macro_precision', 'macro_recall', 'macro_f1' and 'per_class'
   ({name: {'precision', 'recall', 'f1', 'support'}}). A class never predicted (or never
-  present) gets precision (recall) 0, as scikit-learn does.
+  present) gets precision (recall) 0, as scikit-learn does. The macro averages are over the
+  classes present or predicted (scikit-learn's labels): a class the split lacks and the model
+  never predicts has nothing to score, and counting it as 0 would sink a partial split's macro-F1.
   """
   c = np.asarray(confusion_KxK, np.float64)
   tp_K = np.diag(c)
@@ -120,11 +122,13 @@ def per_class_report(confusion_KxK, class_names) -> tuple[dict, str]:
   denom_K = precision_K + recall_K
   f1_K = np.divide(2 * precision_K * recall_K, denom_K, out=np.zeros_like(tp_K),
                    where=denom_K > 0)
+  seen_K = (predicted_K + support_K) > 0
+  macro = lambda x_K: float(x_K[seen_K].mean()) if seen_K.any() else 0.0  # pylint: disable=unnecessary-lambda-assignment
   report = {
       'accuracy': float(tp_K.sum() / max(c.sum(), 1)),
-      'macro_precision': float(precision_K.mean()),
-      'macro_recall': float(recall_K.mean()),
-      'macro_f1': float(f1_K.mean()),
+      'macro_precision': macro(precision_K),
+      'macro_recall': macro(recall_K),
+      'macro_f1': macro(f1_K),
       'per_class': {name: {'precision': float(p), 'recall': float(r), 'f1': float(f),
                            'support': int(s)}
                     for name, p, r, f, s in zip(class_names, precision_K, recall_K, f1_K,

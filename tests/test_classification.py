@@ -53,6 +53,18 @@ def test_per_class_report_math():
   assert table.count('\n') == 2 + len(NAMES)
 
 
+def test_macro_averages_skip_classes_neither_present_nor_predicted():
+  # A fourth class the split lacks and the model never predicts: the three classes' averages
+  # stand (scikit-learn's f1_score(average='macro') scores the labels it sees). A class
+  # present but never predicted (bird) still counts as 0.
+  confusion = np.zeros((4, 4), int)
+  confusion[:3, :3] = CONFUSION
+  report, _ = classification.per_class_report(confusion, NAMES + ('fish',))
+  assert report['macro_f1'] == pytest.approx((0.6 + 0.5 + 0) / 3)
+  assert report['macro_recall'] == pytest.approx((0.75 + 0.5 + 0) / 3)
+  assert report['per_class']['fish'] == {'precision': 0, 'recall': 0, 'f1': 0, 'support': 0}
+
+
 def test_pngs_are_written(tmp_path):
   confusion_png = tmp_path / 'confusion.png'
   classification.save_confusion_png(CONFUSION, NAMES, str(confusion_png))
