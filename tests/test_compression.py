@@ -33,7 +33,7 @@ def _override(config, flag: str) -> None:
 @pytest.mark.parametrize('family', ['lm', 'cnn', 'text'])
 def test_every_family_flag_names_a_field_of_its_experiment(family):
   fam = _module().FAMILIES[family]
-  for experiment, flags in ((fam['experiment'], fam['common']),
+  for experiment, flags in ((fam['experiment'], fam['common'] + fam.get('nm', [])),
                             (fam['student_experiment'], fam['common'] + fam['student'])):
     config = config_lib.load(os.path.join(_ROOT, experiment))
     for flag in flags:
