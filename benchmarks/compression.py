@@ -83,9 +83,9 @@ def _quantize(src, dst, dtype, log):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _evaluate(workdir, experiment, data_dir, log):
+def _evaluate(workdir, experiment, log):
   """--mode=eval's metrics, and the items/s of a second eval pass (worker process)."""
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', workdir, experiment, data_dir]
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', workdir, experiment]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   with open(log, 'w') as f:
     f.write(out.stdout + out.stderr)
@@ -94,7 +94,7 @@ def _evaluate(workdir, experiment, data_dir, log):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _worker(workdir, experiment, data_dir):
+def _worker(workdir, experiment):
   """What --mode=eval does (the experiment under the workdir's config.json), then a second,
   timed pass over the eval split."""
   sys.path.insert(0, ROOT)
@@ -103,7 +103,6 @@ def _worker(workdir, experiment, data_dir):
   config = config_lib.load(os.path.join(ROOT, experiment))
   with open(os.path.join(workdir, 'config.json')) as f:
     main._overlay(config, json.load(f), set())  # pylint: disable=protected-access
-  config.data.data_dir = data_dir
   config_lib.split_cpu_devices(config)
   from lm import train  # pylint: disable=g-import-not-at-top  (after the CPU split)
   trainer = train.Trainer(config, workdir, read_only=True, training=False)
@@ -160,7 +159,7 @@ def main():
   p.add_argument('--table', action='store_true', help='print results.json as markdown')
   p.add_argument('--only', default='', help='rows to run, separated by ; (default all)')
   if sys.argv[1:2] == ['--worker']:
-    return _worker(sys.argv[2], sys.argv[3], sys.argv[4])
+    return _worker(sys.argv[2], sys.argv[3])
   a = p.parse_args()
   fam = FAMILIES[a.family]
   os.makedirs(a.out, exist_ok=True)
@@ -203,7 +202,7 @@ def main():
     if row == 'int8 PTQ':
       q = _quantize(dense, w('dense_int8'), 'int8', w('ptq_quantize.log'))
       r.update(bytes_on_disk=q['bytes_on_disk'],
-               eval=_evaluate(w('dense_int8'), fam['experiment'], fam['data'], w('ptq_eval.log')),
+               eval=_evaluate(w('dense_int8'), fam['experiment'], w('ptq_eval.log')),
                command=f'python -m lm.quantize --workdir={dense} --output={w("dense_int8")}')
     else:
       exp, extra, run_dir = runs[row]
@@ -221,12 +220,12 @@ def main():
       r['command'] = 'python -m lm.main ' + ' '.join(args)
       if row == 'int8 QAT':
         q = _quantize(run_dir, run_dir + '_int8', 'int8', run_dir + '.quantize.log')
-        r['eval_qat_float'] = _evaluate(run_dir, exp, fam['data'], run_dir + '.eval.log')
+        r['eval_qat_float'] = _evaluate(run_dir, exp, run_dir + '.eval.log')
         run_dir += '_int8'
       else:
         q = _quantize(run_dir, run_dir + '_f32', 'float32', run_dir + '.quantize.log')
       r['bytes_on_disk'] = q['bytes_on_disk']
-      r['eval'] = _evaluate(run_dir, exp, fam['data'], run_dir + '.eval.log')
+      r['eval'] = _evaluate(run_dir, exp, run_dir + '.eval.log')
       sparsity = os.path.join(runs[row][2] or w(slug), 'sparsity.json')
       if os.path.exists(sparsity):
         with open(sparsity) as f:
