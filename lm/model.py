@@ -546,8 +546,9 @@ class Classifier(Trunk):
     # Classes stay replicated: K is small, and often not divisible by the tensor axis.
     w_DxK = _param(self, 'cls_head', _normal(0.02), (cfg.d_model, k), ('embed', None))
     b_K = _param(self, 'cls_head_bias', nn.initializers.zeros, (k,), (None,))
-    logits_BxK = jnp.dot(pooled_BxD.astype(cfg.dtype), w_DxK.astype(cfg.dtype),
-                         preferred_element_type=jnp.float32) + b_K
+    # Through _dense like every other matmul, so int8 and QAT (cfg.quant) cover the head too.
+    logits_BxK = _dense(pooled_BxD.astype(cfg.dtype)[:, None], w_DxK, cfg.dtype,
+                        out_dtype=jnp.float32, quant=cfg.quant)[:, 0] + b_K
     return _constrain(logits_BxK, ('act_batch', None))
 
 

@@ -16,12 +16,12 @@ Modes (a model runs in one of them):
           result is the int8 result there and within float rounding of it beyond.
   'fake'  config.quant.qat: the same rounding, dequantized in float, with a straight-through
           gradient (the rounding's gradient taken as the identity): QAT.
-Where: the Transformer's matmuls (lm/model.py `_dense`, TransformerConfig.quant) and every
-flax nn.Conv / nn.Dense of the image models, through a flax method interceptor (`Intercepted`)
-that leaves lm/cnn.py alone. Other matmul layer types (nn.Einsum, nn.DenseGeneral,
-nn.ConvTranspose, nn.ConvLocal) are refused rather than silently left in float. Not
-quantized: embedding lookups, norms, attention's score and value products, and the text
-classifier's small head (its weights are stored in int8 all the same).
+Where: the Transformer's matmuls (lm/model.py `_dense`, TransformerConfig.quant; the text
+classifier's head included) and every flax nn.Conv / nn.Dense of the image models, through a
+flax method interceptor (`Intercepted`) that leaves lm/cnn.py alone. Other matmul layer
+types (nn.Einsum, nn.DenseGeneral, nn.ConvTranspose, nn.ConvLocal) are refused rather than
+silently left in float. Not quantized: embedding lookups, norms, attention's score and value
+products.
 
 An int8 checkpoint holds the weights only (no optimizer state): every parameter of 2+ axes as
 int8 with one float32 scale per output channel (per row for embeddings, which serve as the

@@ -2,6 +2,7 @@
 gradient, int8 exports (a quarter of the float size, evaluated and sampled through the CLI),
 and bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -132,6 +133,27 @@ def test_every_transformer_matmul_is_quantized_and_ptq_stays_close():
   jaxpr = str(jax.make_jaxpr(lambda p: tiny_transformer('int8').apply(p, tokens))(params))
   # qkv, out, wi, wo per block (2 blocks) and the tied head.
   assert jaxpr.count('preferred_element_type=int32') == 2 * 4 + 1
+
+
+def test_the_text_classifiers_head_is_quantized_too():
+  # Its [D, K] head was a float matmul, so an int8 export still ran one layer in float and QAT
+  # never saw that layer's rounding.
+  cfg = model_lib.TransformerConfig(vocab_size=65, num_layers=2, num_heads=2, d_model=32,
+                                    mlp_dim=128, seq_len=16, causal=False)
+  classifier = lambda quant: model_lib.Classifier(dataclasses.replace(cfg, quant=quant),
+                                                  num_classes=3)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 65, (4, 16)), jnp.int32)
+  params = classifier('').init(jax.random.key(0), tokens)
+  ref = classifier('').apply(params, tokens)
+  out = classifier('int8').apply(params, tokens)
+  assert out.shape == ref.shape == (4, 3) and out.dtype == jnp.float32
+  assert 0 < float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+  jaxpr = str(jax.make_jaxpr(lambda p: classifier('int8').apply(p, tokens))(params))
+  assert jaxpr.count('preferred_element_type=int32') == 2 * 4 + 1  # Blocks' matmuls, head.
+  # QAT rounds the head's operands as well (two per matmul).
+  rounds = lambda quant: str(jax.make_jaxpr(lambda p: classifier(quant).apply(p, tokens))(
+      params)).count(' stop_gradient ')  # Each fake_quantize has one; softmax has its own.
+  assert rounds('fake') - rounds('') == 2 * (2 * 4 + 1)
 
 
 def test_cnn_convs_and_denses_are_intercepted(monkeypatch):
