@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,13 @@ def _parse_args(argv=None):
   p.add_argument('--workdir_root', default='/tmp/transfer_bench')
   p.add_argument('--results', default='/tmp/transfer_bench/results.jsonl')
   p.add_argument('--output', default='', help='append the table to this markdown file')
-  return p.parse_args(argv)
+  p.add_argument('--extra', default='', help='--config.* flags (one string) added to every run '
+                 'of this invocation, e.g. a fine-tuning recipe; needs --tag')
+  p.add_argument('--tag', default='', help='names the variant: its rows are <cell>+<tag>')
+  args = p.parse_args(argv)
+  if bool(args.extra) != bool(args.tag):
+    p.error('--extra and --tag go together: the tag names the variant in the table')
+  return args
 
 
 def _run(cmd: list[str], workdir: str) -> dict:
@@ -100,13 +107,15 @@ def run_cell(cell: str, mode: str, args) -> dict:
          f'--config.data.data_dir={os.path.join(args.shared, sub)}',
          f'--config.train.steps={steps}', '--config.train.epochs=0',
          '--config.train.eval_every_epochs=0', '--config.train.eval_every=0'] + extra
+  cmd += shlex.split(args.extra)
   if mode == 'finetune':
     cmd.append(f'--config.init.workdir={args.pretrained}')
   else:
     cmd += _scratch_flags(args.pretrained, args.workdir_root)
-  r = _run(cmd, os.path.join(args.workdir_root, f'{cell}_{mode}'))
+  name = f'{cell}+{args.tag}' if args.tag else cell
+  r = _run(cmd, os.path.join(args.workdir_root, f'{name}_{mode}'))
   final = [x for x in r['records'] if key in x][-1]
-  out = {'cell': cell, 'mode': mode, 'metric': key, 'value': final[key], 'steps': steps,
+  out = {'cell': name, 'mode': mode, 'metric': key, 'value': final[key], 'steps': steps,
          'wall_s': r['wall_s'], 'load': r['load'], 'command': r['command']}
   if 'test/accuracy' in final:
     out['test/accuracy'] = final['test/accuracy']
@@ -142,7 +151,8 @@ def report(results: list[dict]) -> str:
            f'{_machine()}; python {platform.python_version()}.', '',
            '| cell | metric | steps | scratch | fine-tuned | gain | wall (scratch / fine-tuned) |',
            '|---|---|---|---|---|---|---|']
-  for cell, (_, _, key, steps, _) in CELLS.items():
+  for cell in dict.fromkeys(r['cell'] for r in results if r['cell'] != 'pretrain'):
+    _, _, key, steps, _ = CELLS[cell.split('+')[0]]
     s, f = latest.get((cell, 'scratch')), latest.get((cell, 'finetune'))
     if not (s or f):
       continue
