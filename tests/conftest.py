@@ -7,6 +7,7 @@ reason says it needs a GPU.
 """
 
 import collections
+import importlib.util
 import os
 import re
 
@@ -27,6 +28,20 @@ if _EXPECTED_ROOT:
 
 
 _GPU_ONLY = re.compile(r'\bGPU', re.IGNORECASE)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def load_benchmark():
+  """load_benchmark('compression') -> benchmarks/compression.py as a fresh module (the
+  benchmarks are scripts, not a package)."""
+  def load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f'benchmark_{name}', os.path.join(_ROOT, 'benchmarks', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  return load
 
 
 def _skip_reason(report) -> str:

@@ -4,7 +4,6 @@ The GPU figures themselves are recorded in docs/BENCHMARKS.md when a GPU is ther
 keeps the one command that measures them from rotting in between.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -17,11 +16,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(_ROOT, 'benchmarks', 'accelerator.py')
 
 
-def _module():
-  spec = importlib.util.spec_from_file_location('accelerator', _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope='module')
@@ -35,10 +29,11 @@ def smoke(tmp_path_factory):
     return proc.stdout, json.load(f)
 
 
-def test_smoke_runs_every_item_and_records_versions(smoke):
+def test_smoke_runs_every_item_and_records_versions(smoke, load_benchmark):
   _, report = smoke
   items = {r['item']: r for r in report['items']}
-  assert list(items) == list(_module().ITEMS) and not report['failed'] and not report['skipped']
+  assert list(items) == list(load_benchmark('accelerator').ITEMS)
+  assert not report['failed'] and not report['skipped']
   assert report['smoke'] and report['platform'] == 'cpu'
   for r in items.values():
     assert r['ok'] and r['device'] and r['jax'] and r['jaxlib'], r
@@ -72,8 +67,8 @@ def test_smoke_prints_a_row_per_item_and_the_planner_beside_the_measurement(smok
   assert 'JSON: ' in stdout
 
 
-def test_table_reports_failed_and_skipped_items():
-  accelerator = _module()
+def test_table_reports_failed_and_skipped_items(load_benchmark):
+  accelerator = load_benchmark('accelerator')
   text = accelerator.table(
       [{'item': 'gpt2_small', 'ok': False, 'wall_s': 3.0, 'error': 'exit code 1: OOM | bad'}],
       ['wrn28_10'])
@@ -81,6 +76,6 @@ def test_table_reports_failed_and_skipped_items():
   assert '| wrn28_10 | skipped: over the wall budget |' in text
 
 
-def test_unknown_item_is_an_error_before_anything_runs(capsys):
-  assert _module().main(['--only=gpt3', '--smoke']) == 2
+def test_unknown_item_is_an_error_before_anything_runs(capsys, load_benchmark):
+  assert load_benchmark('accelerator').main(['--only=gpt3', '--smoke']) == 2
   assert 'unknown item' in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """benchmarks/compression.py: every family's flags name real config fields, and the table has a
 column per metric (the text family reports spam F1, accuracy and ROC AUC)."""
 
-import importlib.util
 import os
 
 import pytest
@@ -11,12 +10,6 @@ from lm import config as config_lib
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module():
-  path = os.path.join(_ROOT, 'benchmarks', 'compression.py')
-  spec = importlib.util.spec_from_file_location('compression', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _override(config, flag: str) -> None:
@@ -31,8 +24,8 @@ def _override(config, flag: str) -> None:
 
 
 @pytest.mark.parametrize('family', ['lm', 'cnn', 'text'])
-def test_every_family_flag_names_a_field_of_its_experiment(family):
-  fam = _module().FAMILIES[family]
+def test_every_family_flag_names_a_field_of_its_experiment(family, load_benchmark):
+  fam = load_benchmark('compression').FAMILIES[family]
   for experiment, flags in ((fam['experiment'], fam['common'] + fam.get('nm', [])),
                             (fam['student_experiment'], fam['common'] + fam['student'])):
     config = config_lib.load(os.path.join(_ROOT, experiment))
@@ -41,8 +34,8 @@ def test_every_family_flag_names_a_field_of_its_experiment(family):
     config_lib.check_values(config)
 
 
-def test_text_student_is_smaller_than_its_teacher():
-  fam = _module().FAMILIES['text']
+def test_text_student_is_smaller_than_its_teacher(load_benchmark):
+  fam = load_benchmark('compression').FAMILIES['text']
   teacher = config_lib.load(os.path.join(_ROOT, fam['experiment']))
   student = config_lib.load(os.path.join(_ROOT, fam['student_experiment']))
   for flag in fam['student']:
@@ -54,8 +47,8 @@ def test_text_student_is_smaller_than_its_teacher():
   assert student.model.num_classes == teacher.model.num_classes
 
 
-def test_table_has_a_column_per_metric():
-  module = _module()
+def test_table_has_a_column_per_metric(load_benchmark):
+  module = load_benchmark('compression')
   row = {'quantize_report': {'float32_weight_bytes': 4000}, 'bytes_on_disk': 1234,
          'nonzero_params': 500,
          'eval': {'test/f1': 0.91234, 'test/accuracy': 0.98765, 'test/roc_auc': 0.99,

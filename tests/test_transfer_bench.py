@@ -1,29 +1,19 @@
 """benchmarks/transfer.py: a recipe variant (--extra/--tag) runs the cell's command with its
 flags and gets its own rows in the table."""
 
-import importlib.util
 import os
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _module():
-  path = os.path.join(_ROOT, 'benchmarks', 'transfer.py')
-  spec = importlib.util.spec_from_file_location('transfer_bench', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_extra_needs_a_tag():
+def test_extra_needs_a_tag(load_benchmark):
   with pytest.raises(SystemExit):
-    _module()._parse_args(['--extra=--config.optim.lr=3e-4'])
+    load_benchmark('transfer')._parse_args(['--extra=--config.optim.lr=3e-4'])
 
 
-def test_a_tagged_cell_runs_with_its_flags_and_reports_under_its_own_name(monkeypatch, tmp_path):
-  module = _module()
+def test_a_tagged_cell_runs_with_its_flags_and_reports_under_its_own_name(monkeypatch, tmp_path,
+                                                                          load_benchmark):
+  module = load_benchmark('transfer')
   ran = []
 
   def fake_run(cmd, workdir):
