@@ -6,8 +6,9 @@ fine-tunes pruned copies (50/80/90% unstructured and 2:4) and a QAT copy, writes
 with `python -m lm.quantize` (PTQ of the baseline, int8 of the QAT run) and float32 ones (the
 size of the float weights on disk), trains a smaller student with the baseline as its teacher
 (`--config.distill.teacher_workdir`) and the same student from scratch, and evaluates each
-with `--mode=eval`. Eval throughput is the items (tokens or images) per second of a second pass
-over the eval split inside the same process, the first pass having compiled everything.
+with `--mode=eval`. Eval throughput is the items (tokens, images or messages; padding rows not
+counted) per second of a second pass over the eval split inside the same process, the first
+pass having compiled everything.
 
   .venv/bin/python benchmarks/compression.py --family=lm --out=/tmp/compress_lm
   .venv/bin/python benchmarks/compression.py --family=cnn --out=/tmp/compress_cnn
