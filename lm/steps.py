@@ -9,13 +9,13 @@ arrives as the explicit `frozen` argument, never through the state or a closure.
 Keys: A accumulation micro-batches.
 """
 
-import functools
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -27,11 +27,52 @@ class TrainState:
   ema_params: Any  # An EMA of params when train.ema_decay > 0, else None.
 
 
-def all_finite(tree) -> jax.Array:
-  """True when every floating-point leaf of `tree` is finite."""
-  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return functools.reduce(jnp.logical_and, checks, jnp.array(True))
+# Elements one reduction of all_finite covers at most (per device): 64 MiB of float32.
+_CHECK_BUCKET = 1 << 24
+
+
+def all_finite(tree, shardings=None) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite.
+
+  A few large reductions, not one per leaf: each device concatenates its own shards (under
+  shard_map with the leaves' `shardings`, so nothing is gathered) into buckets of at most
+  _CHECK_BUCKET elements, reduces each, and the devices agree with a pmin. One reduction per
+  leaf (params, both Adam moments) compiled the Shakespeare step to twice the kernels: ~40
+  MiB more compile memory on CPU, and on a GPU hundreds of tiny launches a step.
+  Without `shardings` the leaves are concatenated whole: right on one device or for a
+  replicated tree; a sharded one would be gathered.
+  """
+  leaves = jax.tree.leaves(tree)
+  specs = None if shardings is None else [s.spec for s in jax.tree.leaves(shardings)]
+  if specs is not None and len(specs) != len(leaves):
+    raise ValueError(f'all_finite: {len(leaves)} leaves but {len(specs)} shardings')
+  floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [leaves[i] for i in floats]
+
+  def local(*xs):
+    ok, bucket, size = jnp.array(True), [], 0
+    for x in (*xs, None):
+      if bucket and (x is None or size + x.size > _CHECK_BUCKET):
+        # NaN and inf times 0 are NaN, finite values 0: one fused reduction, where
+        # isfinite(...).all() compiled to three kernels on XLA:CPU.
+        ok &= jnp.isfinite(jnp.sum(jnp.concatenate(bucket) * 0))
+        bucket, size = [], 0
+      if x is not None:
+        bucket.append(x.ravel().astype(jnp.float32))  # Exact for bf16; keeps inf and NaN.
+        size += x.size
+    return ok
+
+  if not leaves:
+    return jnp.array(True)
+  if specs is None:
+    return local(*leaves)
+  mesh = jax.tree.leaves(shardings)[0].mesh
+
+  def agreed(*xs):
+    return jax.lax.pmin(local(*xs).astype(jnp.int32), mesh.axis_names)
+
+  return jax.shard_map(agreed, mesh=mesh, in_specs=tuple(specs[i] for i in floats),
+                       out_specs=P())(*leaves) == 1
 
 
 def _grads(loss_fn, params, model_state, batch, rng, frozen):
@@ -43,8 +84,12 @@ def _grads(loss_fn, params, model_state, batch, rng, frozen):
 
 def train_step(state: TrainState, batch, frozen=None, *, loss_fn: Callable,
                tx: optax.GradientTransformation, seed: int, grad_accum_steps: int = 1,
-               ema_decay: float = 0.0):
-  """One optimizer step. Returns (new state, metrics); a non-finite step leaves state unchanged."""
+               ema_decay: float = 0.0, shardings: TrainState | None = None):
+  """One optimizer step. Returns (new state, metrics); a non-finite step leaves state unchanged.
+
+  `shardings` (the state's, as jit places it) lets the finiteness check run on each device's
+  own shards (see all_finite).
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   if grad_accum_steps == 1:
     loss, model_state, metrics, grads = _grads(loss_fn, state.params, state.model_state, batch,
@@ -82,9 +127,13 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn: Callable,
   # Guard in the graph, so no NaN ever reaches the state or a checkpoint: the loss and the
   # gradient, and the new state itself (a NaN learning rate makes NaN params from finite
   # gradients). The host learns of it from the metrics it already fetches.
+  rest = lambda t: (t.params, t.opt_state, t.model_state, t.ema_params)
   finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
-            all_finite((new.params, new.opt_state, new.model_state, new.ema_params)))
-  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=new.step))
+            all_finite(rest(new), None if shardings is None else rest(shardings)))
+  # One branch per step instead of a select per leaf: the copies the conditional makes are
+  # memcpys, where 150-odd selects were compiled kernels (docs/BENCHMARKS.md, memory).
+  old = state.replace(step=new.step)
+  new = jax.lax.cond(finite, lambda: new, lambda: old)
   return new, {**metrics, 'loss': loss, 'grad_norm': grad_norm, 'finite': finite}
 
 

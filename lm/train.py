@@ -193,7 +193,7 @@ class Trainer:
     self.train_step = jax.jit(
         functools.partial(steps_lib.train_step, loss_fn=self.task.loss, tx=self.tx, seed=c.seed,
                           grad_accum_steps=c.train.grad_accum_steps,
-                          ema_decay=c.train.ema_decay),
+                          ema_decay=c.train.ema_decay, shardings=self.state_shardings),
         in_shardings=(self.state_shardings, batch_shardings,
                       *([] if self.teacher is None else [self.teacher.shardings])),
         out_shardings=(self.state_shardings, rep), donate_argnums=0)

@@ -333,6 +333,30 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train.Trainer(tiny_cnn(**{'train.steps': 5}), str(tmp_path)).initial_state()
 
 
+def test_the_finiteness_check_reads_each_shard_and_gathers_nothing(monkeypatch):
+  """One reduction per bucket of each device's own shards: every leaf, dtype and shard is
+  seen (a NaN or inf anywhere is caught), and the sharded leaves are never gathered."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from lm import steps  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(steps, '_CHECK_BUCKET', 40)  # Several buckets per device.
+  mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  specs = {'w': P('fsdp', None), 'v': P(None, ('data', 'fsdp')), 'b': P(), 'count': P()}
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  tree = {'w': jnp.ones((8, 32)), 'v': jnp.ones((4, 64)), 'b': jnp.ones(16, jnp.bfloat16),
+          'count': jnp.array(3)}
+  tree = jax.device_put(tree, shardings)
+  check = jax.jit(lambda t: steps.all_finite(t, shardings))
+  assert bool(check(tree)) and bool(steps.all_finite(tree))
+  assert 'all-gather' not in check.lower(tree).compile().as_text()
+  for key, index, bad in [('w', (7, 31), np.nan), ('w', (0, 0), np.inf), ('v', (3, 63), -np.inf),
+                          ('v', (0, 17), np.nan), ('b', (15,), np.inf)]:
+    host = np.array(tree[key], dtype=np.float32)
+    host[index] = bad
+    broken = {**tree, key: jax.device_put(host.astype(tree[key].dtype), shardings[key])}
+    assert not bool(check(broken)), (key, index)
+    assert not bool(steps.all_finite(broken)), (key, index)
+
+
 def test_a_nan_update_from_finite_gradients_is_guarded(tmp_path):
   """lr=nan makes NaN params from finite loss and gradient; the guard checks the new state."""
   from lm import optim, sharding, steps  # pylint: disable=g-import-not-at-top
