@@ -10,8 +10,9 @@ concat 70.2% (73.7% at epoch 30), average 74.9% (macro-F1 0.685), gated 72.8%, a
 image_only 67.9%, text_only 63.1%. Target 82% missed; +7.0 points over the better single
 modality. 28-32 min a run on a 2-core CPU shared with other jobs (load 13-26, six runs at
 once); 2-5 min a run at load 1-7. 98 subcategories (label_key=subcategory, num_classes=98):
-concat 53.3%, the best single modality 42.5%. The default stays concat: its validation accuracy (77.8%) was
-the best; choosing average by its test figure would let the test split choose.
+concat 53.3%, the best single modality 42.5%. The default stays concat: its validation
+accuracy (77.8%) was the best; choosing average by its test figure would let the test split
+choose.
 """
 
 from lm import config as base

@@ -1,6 +1,6 @@
 r"""Breaks the code on purpose, one claim at a time, and checks that a test catches each break.
 
-  python -m tests.breakages                 # all 35: 9-17 min on 2 cores shared with others
+  python -m tests.breakages                 # all 36: 9-17 min on 2 cores shared with others
   python -m tests.breakages --list          # the table: name, file, the tests that must fail
   python -m tests.breakages --only grad-accum-sums --only nan-guard-params-only
 
@@ -81,6 +81,12 @@ BREAKAGES = (
         "    for x in xs:  # BREAKAGE: the last bucket is never reduced.\n",
         ('tests/test_reliability.py::'
          'test_the_finiteness_check_reads_each_shard_and_gathers_nothing',)),
+    Breakage(
+        'finite-check-without-shardings', 'lm/train.py',
+        "                          ema_decay=c.train.ema_decay, shardings=self.state_shardings),\n",
+        "                          ema_decay=c.train.ema_decay),  # BREAKAGE: gathers to check.\n",
+        ('tests/test_reliability.py::'
+         'test_the_trainer_checks_finiteness_on_each_devices_own_shards',)),
     Breakage(
         'per-device-batchnorm', 'lm/cnn.py',
         "def _batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:\n"

@@ -16,8 +16,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(_ROOT, 'benchmarks', 'accelerator.py')
 
 
-
-
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('accelerator') / 'accelerator.json')

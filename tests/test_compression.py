@@ -10,8 +10,6 @@ from lm import config as config_lib
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
 def _override(config, flag: str) -> None:
   """`--config.a.b=v` onto the locked config, as lm.main would (an unknown field raises)."""
   key, value = flag.removeprefix('--config.').split('=', 1)

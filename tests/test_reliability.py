@@ -357,6 +357,14 @@ def test_the_finiteness_check_reads_each_shard_and_gathers_nothing(monkeypatch):
     assert not bool(steps.all_finite(broken)), (key, index)
 
 
+def test_the_trainer_checks_finiteness_on_each_devices_own_shards(tmp_path):
+  """The jitted step hands the state's shardings to the guard, which then runs as a shard_map
+  (a manual computation); without them it would gather every fsdp-sharded leaf each step."""
+  trainer = train.Trainer(tiny_cnn(**{'mesh.data': 2, 'mesh.fsdp': 4}), str(tmp_path))
+  lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch())
+  assert lowered.as_text().count('manual_computation') == 1
+
+
 def test_a_nan_update_from_finite_gradients_is_guarded(tmp_path):
   """lr=nan makes NaN params from finite loss and gradient; the guard checks the new state."""
   from lm import optim, sharding, steps  # pylint: disable=g-import-not-at-top
