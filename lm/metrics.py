@@ -89,14 +89,20 @@ class Writer:
         if isinstance(v, float) and math.isfinite(v):
           self._tb.add_scalar(k, v, step)
 
-  def close(self) -> None:
-    if self.enabled:
+  def close(self, quiet: bool = False) -> None:
+    """Closes both files, once; `quiet` drops their errors (another one is being reported)."""
+    if not self.enabled:
+      return
+    self.enabled = False
+    error = None
+    for f in (self._jsonl, self._tb):
       try:
-        self._jsonl.close()
-      except OSError:  # A full disk: the failed write already raised and was reported.
-        pass
-      if self._tb is not None:
-        self._tb.close()
+        if f is not None:
+          f.close()
+      except OSError as e:  # A full disk: the last flush fails.
+        error = error or e
+    if error is not None and not quiet:
+      raise error
 
 
 def append_row(workdir: str, step: int, metrics: dict) -> None:

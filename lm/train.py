@@ -378,12 +378,15 @@ class Trainer:
               rollbacks > self.config.train.max_rollbacks):
             raise Diverged(self._nonfinite_message(bad, rollbacks)) from None
           state = self._roll_back(bad)
+      writer.close()  # In the try: a full disk that stops the last flush is reported too.
     except OSError as e:  # Metrics and plots; checkpoint writes report through _save.
       if e.errno != errno.ENOSPC:
         raise
       self._save_failed(None, e, what='writing metrics')
     finally:
-      writer.close()
+      # After an error the writer's own flush fails on the same full disk; the error already
+      # on its way up is the one to report.
+      writer.close(quiet=True)
       self._wait_for_saves()  # Whatever happened, saves in flight finish before we leave.
     if 'stopped_at' in final:
       return final
@@ -502,6 +505,12 @@ class Trainer:
       self._save_failed(None, e)
 
   def _save_failed(self, step, error: Exception, what: str = 'saving a checkpoint'):
+    # The manager lists a save from when it starts: let one in flight finish, or fail on the
+    # same full disk (orbax then drops it from the list), before saying what is kept.
+    try:
+      self.ckpt.wait_until_finished()
+    except (OSError, ValueError, RuntimeError):
+      pass
     steps = [s for s in self.ckpt.all_steps() if s != step]
     full = 'No space left' in str(error) or getattr(error, 'errno', None) == errno.ENOSPC
     reason = 'No space left on device' if full else (str(error).strip().splitlines() or [

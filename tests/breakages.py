@@ -1,6 +1,6 @@
 r"""Breaks the code on purpose, one claim at a time, and checks that a test catches each break.
 
-  python -m tests.breakages                 # all 36: 9-17 min on 2 cores shared with others
+  python -m tests.breakages                 # all 38: 9-17 min on 2 cores shared with others
   python -m tests.breakages --list          # the table: name, file, the tests that must fail
   python -m tests.breakages --only grad-accum-sums --only nan-guard-params-only
 
@@ -67,6 +67,19 @@ BREAKAGES = (
         "    state = self._fresh_state()  # BREAKAGE: says it resumes, starts again.\n"
         "    if not self.read_only:\n",
         ('tests/test_reliability.py::test_resharding_restores_identical_params',)),
+    Breakage(
+        'last-flush-masks-full-disk', 'lm/train.py',
+        "      writer.close(quiet=True)\n",
+        "      writer.close()  # BREAKAGE: the flush's OSError is raised over the report.\n",
+        ('tests/test_reliability.py::'
+         'test_a_full_disk_is_reported_once_and_not_masked_by_the_last_flush',)),
+    Breakage(
+        'full-disk-lists-a-save-in-flight', 'lm/train.py',
+        "      self.ckpt.wait_until_finished()\n    except (OSError, ValueError, RuntimeError):\n",
+        "      pass  # BREAKAGE: the list names a save in flight, which may never be written.\n"
+        "    except (OSError, ValueError, RuntimeError):\n",
+        ('tests/test_reliability.py::'
+         'test_a_metrics_write_on_a_full_disk_does_not_count_the_save_in_flight',)),
     Breakage(
         'nan-guard-params-only', 'lm/steps.py',
         "  new = jax.lax.cond(finite, lambda: new, lambda: old)\n",

@@ -15,7 +15,6 @@ import sys
 import tarfile
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 

@@ -1,5 +1,6 @@
 """Injected faults: divergence, a full disk, concurrent runs, config drift, resharding."""
 
+import errno
 import glob
 import json
 import os
@@ -186,12 +187,70 @@ def small_disk(tmp_path):
 def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(small_disk):
   workdir = str(small_disk / 'run')
   trainer = train.Trainer(tiny_cnn(**{'train.log_every': 100}), workdir)
-  with pytest.raises(ConfigError, match=r'failed .*No space left on device.*kept'):
+  with pytest.raises(ConfigError, match=r'failed .*No space left on device.*kept') as error:
     trainer.run()
   steps = train.checkpoint.manager(workdir).all_steps()
   assert steps == [5]
+  # What the message says is kept is what is on disk, whichever write met the full disk
+  # first (a metrics write can, while step 10's save is still in flight).
+  assert re.search(r'complete checkpoints \[([\d, ]*)\]', str(error.value))[1] == '5'
   state = train.Trainer(tiny_cnn(), workdir).initial_state()
   assert int(state.step) == 5 and all_finite(state)
+
+
+class _FullDiskFlush:
+  """An event file whose writes are buffered and whose last flush meets a full disk."""
+
+  def add_scalar(self, *args):
+    pass
+
+  def close(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _metrics_meet_a_full_disk(monkeypatch, from_step):
+  """Metrics writes fail from `from_step` on (never with None), and so does the last flush."""
+
+  class FullDiskWriter(train.metrics_lib.Writer):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self._tb.close()
+      self._tb = _FullDiskFlush()
+
+    def write(self, step, metrics):
+      if from_step is not None and step >= from_step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      super().write(step, metrics)
+
+  monkeypatch.setattr(train.metrics_lib, 'Writer', FullDiskWriter)
+
+
+def _kept(kept):
+  return (r'^writing metrics failed \(No space left on device\); '
+          rf'the complete checkpoints \[{kept}\] in ')
+
+
+@pytest.mark.parametrize('full_from_step, kept', [(11, '5, 10'), (None, '5, 10, 12')])
+def test_a_full_disk_is_reported_once_and_not_masked_by_the_last_flush(
+    tmp_path, monkeypatch, full_from_step, kept):
+  """A metrics write meets a full disk (or only the writer's last flush does, at the end):
+  the run stops with the one-line error, not with the flush's OSError raised over it."""
+  _metrics_meet_a_full_disk(monkeypatch, full_from_step)
+  with pytest.raises(ConfigError, match=_kept(kept)):
+    train.Trainer(tiny_cnn(), str(tmp_path)).run()
+  assert ', '.join(map(str, train.checkpoint.manager(str(tmp_path)).all_steps())) == kept
+
+
+def test_a_metrics_write_on_a_full_disk_does_not_count_the_save_in_flight(small_disk,
+                                                                          monkeypatch):
+  """Step 10's save is still being written (and will not fit) when step 11's metrics meet the
+  full disk: the error lists step 5 only, the one checkpoint that is whole."""
+  _metrics_meet_a_full_disk(monkeypatch, 11)
+  workdir = str(small_disk / 'run')
+  with pytest.raises(ConfigError, match=_kept('5')):
+    train.Trainer(tiny_cnn(), workdir).run()
+  assert train.checkpoint.manager(workdir).all_steps() == [5]
 
 
 def test_resharding_restores_identical_params(tmp_path):
