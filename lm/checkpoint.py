@@ -177,6 +177,11 @@ def _on_default_device(mngr: ocp.CheckpointManager, step: int):
       is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
 
 
+# What orbax raises when a step directory it listed is gone by the time it reads the step's
+# metadata: FileNotFoundError, or NotADirectoryError ("Path is not a directory").
+_VANISHED = (FileNotFoundError, NotADirectoryError)
+
+
 def restore_latest(workdir: str, abstract_state=None, then: str = 'run again to use'):
   """(step, state) of the latest complete checkpoint in `workdir`, read-only.
 
@@ -188,12 +193,12 @@ def restore_latest(workdir: str, abstract_state=None, then: str = 'run again to 
   for _ in range(20):  # Each retry follows a step the run deleted mid-read: it saved a newer.
     try:
       mngr = reader(workdir)
-    except FileNotFoundError:  # A step deleted while the manager listed the directory.
+    except _VANISHED:  # A step deleted while the manager listed the directory.
       continue
     try:
       try:
         step = mngr.latest_step()
-      except FileNotFoundError:
+      except _VANISHED:
         continue
       if step is None:
         raise ConfigError(f'no checkpoint in {mngr.directory}: train there first '

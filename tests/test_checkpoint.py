@@ -75,6 +75,27 @@ def test_reader_changes_nothing_and_reads_the_latest_complete_checkpoint(tmp_pat
   mngr.close()
 
 
+@pytest.mark.parametrize('error', [FileNotFoundError, NotADirectoryError])
+def test_restore_latest_reads_again_when_a_listed_step_vanishes(tmp_path, monkeypatch, error):
+  """The run deletes an old step (keep_checkpoints) while a reader's manager lists the
+  directory; orbax then raises one of these (NotADirectoryError: "Path is not a directory:
+  .../checkpoints/37" killed a reader in the suite). The reader opens the directory again."""
+  _save_steps(tmp_path, [1, 2])
+  opened = checkpoint.reader
+  calls = []
+
+  def racing_reader(workdir, handler=None):
+    calls.append(workdir)
+    if len(calls) == 1:
+      raise error(f'Path is not a directory: {workdir}/checkpoints/1')
+    return opened(workdir, handler)
+
+  monkeypatch.setattr(checkpoint, 'reader', racing_reader)
+  step, state = checkpoint.restore_latest(str(tmp_path))
+  assert (step, len(calls)) == (2, 2)
+  np.testing.assert_array_equal(state['params']['w'], _state(2)['params']['w'])
+
+
 def test_reader_of_an_empty_workdir_creates_nothing(tmp_path):
   with pytest.raises(ConfigError, match='no checkpoint in .*train there first'):
     checkpoint.restore_latest(str(tmp_path))
