@@ -90,13 +90,24 @@ def restore_part(mngr: ocp.CheckpointManager, step: int, item: dict) -> dict:
       item=item, restore_args=restore_args, partial_restore=True))
 
 
+# What orbax raises when a step directory it listed is gone by the time it reads the step's
+# metadata: FileNotFoundError, or NotADirectoryError ("Path is not a directory").
+_VANISHED = (FileNotFoundError, NotADirectoryError)
+
+
 def latest_step(workdir: str) -> int | None:
   """The newest complete checkpoint's step, listed as orbax lists them; opens no manager."""
   directory = _directory(workdir)
   if not os.path.isdir(directory):
     return None
-  meta = ocp.path.step.latest_step_metadata(directory, ocp.path.step.standard_name_format())
-  return None if meta is None else meta.step
+  for _ in range(20):  # A step the run deletes while this lists them: list again.
+    try:
+      meta = ocp.path.step.latest_step_metadata(directory, ocp.path.step.standard_name_format())
+      return None if meta is None else meta.step
+    except _VANISHED:
+      continue
+  raise ConfigError(f'the checkpoints in {directory} kept changing while being listed; '
+                    'try again')
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -175,11 +186,6 @@ def _on_default_device(mngr: ocp.CheckpointManager, step: int):
   return jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta,
       is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-
-
-# What orbax raises when a step directory it listed is gone by the time it reads the step's
-# metadata: FileNotFoundError, or NotADirectoryError ("Path is not a directory").
-_VANISHED = (FileNotFoundError, NotADirectoryError)
 
 
 def restore_latest(workdir: str, abstract_state=None, then: str = 'run again to use'):

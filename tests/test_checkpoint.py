@@ -96,6 +96,22 @@ def test_restore_latest_reads_again_when_a_listed_step_vanishes(tmp_path, monkey
   np.testing.assert_array_equal(state['params']['w'], _state(2)['params']['w'])
 
 
+def test_latest_step_lists_again_when_a_listed_step_vanishes(tmp_path, monkeypatch):
+  _save_steps(tmp_path, [1, 2])
+  step_lib = checkpoint.ocp.path.step
+  listed = step_lib.latest_step_metadata
+  calls = []
+
+  def racing_listing(*args):
+    calls.append(args)
+    if len(calls) == 1:
+      raise NotADirectoryError(f'Path is not a directory: {tmp_path}/checkpoints/1')
+    return listed(*args)
+
+  monkeypatch.setattr(step_lib, 'latest_step_metadata', racing_listing)
+  assert (checkpoint.latest_step(str(tmp_path)), len(calls)) == (2, 2)
+
+
 def test_reader_of_an_empty_workdir_creates_nothing(tmp_path):
   with pytest.raises(ConfigError, match='no checkpoint in .*train there first'):
     checkpoint.restore_latest(str(tmp_path))
