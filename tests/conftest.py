@@ -10,12 +10,31 @@ import collections
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
 
 import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# One JAX compilation cache for the run, shared by the xdist workers and by the processes the
+# tests start (they inherit the environment): most tests compile the same few tiny programs.
+# JAX keys an entry by the program, the flags and the devices, so nothing stale is reused.
+# A JAX_COMPILATION_CACHE_DIR set by the caller (tests/breakages.py, or '' for none) stands.
+_OWN_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix='lm-tests-jax-cache-')
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 # tests/breakages.py runs the tests in a broken copy of the repository; this makes sure they
 # test that copy's lm, not another checkout's (an editable install, a PYTHONPATH entry).
