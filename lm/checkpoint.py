@@ -95,6 +95,10 @@ def restore_part(mngr: ocp.CheckpointManager, step: int, item: dict) -> dict:
 _VANISHED = (FileNotFoundError, NotADirectoryError)
 
 
+def _kept_changing(directory: str) -> ConfigError:
+  return ConfigError(f'the checkpoints in {directory} kept changing while being read; try again')
+
+
 def latest_step(workdir: str) -> int | None:
   """The newest complete checkpoint's step, listed as orbax lists them; opens no manager."""
   directory = _directory(workdir)
@@ -106,8 +110,7 @@ def latest_step(workdir: str) -> int | None:
       return None if meta is None else meta.step
     except _VANISHED:
       continue
-  raise ConfigError(f'the checkpoints in {directory} kept changing while being listed; '
-                    'try again')
+  raise _kept_changing(directory)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -220,8 +223,7 @@ def restore_latest(workdir: str, abstract_state=None, then: str = 'run again to 
           raise _cannot_restore(mngr, step, e, then) from e
     finally:
       mngr.close()
-  raise ConfigError(f'the checkpoints in {_directory(workdir)} kept changing while being read; '
-                    'try again')
+  raise _kept_changing(_directory(workdir))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -38,12 +38,13 @@ def all_finite(tree, shardings=None) -> jax.Array:
   shard_map with the leaves' `shardings`, so nothing is gathered) into buckets of at most
   _CHECK_BUCKET elements, reduces each, and the devices agree with a pmin. One reduction per
   leaf (params, both Adam moments) compiled the Shakespeare step to 1286 kernels instead of
-  682, and its compile peaked 70-120 MiB higher on CPU (docs/BENCHMARKS.md).
+  682, and its compile peaked 70-117 MiB higher on CPU (docs/BENCHMARKS.md).
   Without `shardings` the leaves are concatenated whole: right on one device or for a
   replicated tree; a sharded one would be gathered.
   """
   leaves = jax.tree.leaves(tree)
-  specs = None if shardings is None else [s.spec for s in jax.tree.leaves(shardings)]
+  placed = None if shardings is None else jax.tree.leaves(shardings)
+  specs = None if placed is None else [s.spec for s in placed]
   if specs is not None and len(specs) != len(leaves):
     raise ValueError(f'all_finite: {len(leaves)} leaves but {len(specs)} shardings')
   floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -66,7 +67,7 @@ def all_finite(tree, shardings=None) -> jax.Array:
     return jnp.array(True)
   if specs is None:
     return local(*leaves)
-  mesh = jax.tree.leaves(shardings)[0].mesh
+  mesh = placed[0].mesh
 
   def agreed(*xs):
     return jax.lax.pmin(local(*xs).astype(jnp.int32), mesh.axis_names)

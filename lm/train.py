@@ -378,7 +378,7 @@ class Trainer:
               rollbacks > self.config.train.max_rollbacks):
             raise Diverged(self._nonfinite_message(bad, rollbacks)) from None
           state = self._roll_back(bad)
-      writer.close()  # In the try: a full disk that stops the last flush is reported too.
+      writer.close()  # In the try: a full disk at the last flush is reported too.
     except OSError as e:  # Metrics and plots; checkpoint writes report through _save.
       if e.errno != errno.ENOSPC:
         raise
@@ -495,13 +495,13 @@ class Trainer:
   def _save(self, step: int, state):
     try:
       checkpoint.save(self.ckpt, step, state)
-    except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports ENOSPC as ValueError.
+    except _SAVE_ERRORS as e:
       self._save_failed(step, e)
 
   def _wait_for_saves(self):
     try:
       self.ckpt.wait_until_finished()
-    except (OSError, ValueError, RuntimeError) as e:
+    except _SAVE_ERRORS as e:
       self._save_failed(None, e)
 
   def _save_failed(self, step, error: Exception, what: str = 'saving a checkpoint'):
@@ -509,7 +509,7 @@ class Trainer:
     # same full disk (orbax then drops it from the list), before saying what is kept.
     try:
       self.ckpt.wait_until_finished()
-    except (OSError, ValueError, RuntimeError):
+    except _SAVE_ERRORS:
       pass
     steps = [s for s in self.ckpt.all_steps() if s != step]
     full = 'No space left' in str(error) or getattr(error, 'errno', None) == errno.ENOSPC
@@ -519,6 +519,10 @@ class Trainer:
     raise ConfigError(
         f'{what} failed ({reason}); the complete checkpoints {steps} in '
         f'{self.ckpt.directory} are kept. {fix} the same command to resume') from error
+
+
+# What a failed checkpoint write raises (tensorstore reports a full disk as ValueError).
+_SAVE_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 class _NonFinite(Exception):

@@ -1,6 +1,6 @@
 r"""Breaks the code on purpose, one claim at a time, and checks that a test catches each break.
 
-  python -m tests.breakages                 # all 39: 9-17 min on 2 cores shared with others
+  python -m tests.breakages                 # all 40: 9-17 min on 2 cores shared with others
   python -m tests.breakages --list          # the table: name, file, the tests that must fail
   python -m tests.breakages --only grad-accum-sums --only nan-guard-params-only
 
@@ -74,10 +74,16 @@ BREAKAGES = (
         ('tests/test_reliability.py::'
          'test_a_full_disk_is_reported_once_and_not_masked_by_the_last_flush',)),
     Breakage(
+        'last-flush-error-swallowed', 'lm/train.py',
+        "      writer.close()  # In the try: a full disk at the last flush is reported too.\n",
+        "",  # BREAKAGE: only the quiet close in `finally` is left; the run ends as if whole.
+        ('tests/test_reliability.py::'
+         'test_a_full_disk_is_reported_once_and_not_masked_by_the_last_flush',)),
+    Breakage(
         'full-disk-lists-a-save-in-flight', 'lm/train.py',
-        "      self.ckpt.wait_until_finished()\n    except (OSError, ValueError, RuntimeError):\n",
+        "      self.ckpt.wait_until_finished()\n    except _SAVE_ERRORS:\n",
         "      pass  # BREAKAGE: the list names a save in flight, which may never be written.\n"
-        "    except (OSError, ValueError, RuntimeError):\n",
+        "    except _SAVE_ERRORS:\n",
         ('tests/test_reliability.py::'
          'test_a_metrics_write_on_a_full_disk_does_not_count_the_save_in_flight',)),
     Breakage(
