@@ -41,6 +41,7 @@ import json
 import lzma
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -69,7 +70,7 @@ _MIB = 2**20
 def _parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--output', '--out', default='',
-                 help='where to write the JSON results (default: a new temp file)')
+                 help='where to write the JSON results (default: a new file in the temp dir)')
   p.add_argument('--only', default='', help=f'comma-separated subset of {", ".join(ITEMS)}')
   p.add_argument('--smoke', action='store_true', help='CPU, tiny shapes, few steps')
   p.add_argument('--budget_s', type=float, default=None,
@@ -249,10 +250,15 @@ def _timed_steps(trainer, state, warmup: int, steps: int):
   return state, (time.perf_counter() - start) / steps, jax.device_get(metrics)
 
 
-def _build(config):
-  """A read-only Trainer (it never writes a workdir), its state, and the compile seconds."""
+def _build(config, npz_dir: str):
+  """A read-only Trainer, its state, and the compile seconds.
+
+  Its workdir, never written, is named under the run's temporary directory (npz_dir's parent),
+  which the parent process removes at the end.
+  """
   from lm import train  # pylint: disable=g-import-not-at-top
-  trainer = train.Trainer(config, tempfile.mkdtemp(prefix='accelerator_'), read_only=True)
+  trainer = train.Trainer(config, os.path.join(os.path.dirname(npz_dir), 'workdir'),
+                          read_only=True)
   start = time.perf_counter()
   state = trainer.compile_and_init()
   return trainer, state, time.perf_counter() - start
@@ -275,7 +281,7 @@ def _lm_item(item: str, smoke: bool, npz_dir: str) -> dict:
     over['model.remat'] = _least_remat(config, notes, smoke)
     config.model.remat = over['model.remat']
     notes.append(f'largest LM experiment: {path}')
-  trainer, state, compile_s = _build(config)
+  trainer, state, compile_s = _build(config, npz_dir)
   warmup, steps = (1, 3) if smoke else (3, 20)
   state, step_s, last = _timed_steps(trainer, state, warmup, steps)
   flops = trainer.task.flops_per_step(None, None)
@@ -345,7 +351,7 @@ def _resnet9_item(smoke: bool, npz_dir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from lm import prefetch, sharding  # pylint: disable=g-import-not-at-top
   config, path, over = _config('resnet9', smoke, npz_dir)
-  trainer, state, compile_s = _build(config)
+  trainer, state, compile_s = _build(config, npz_dir)
   mesh = trainer.mesh
   evals = [sharding.to_global(b, mesh) for b in trainer.task.eval_batches('test')]
   start = time.perf_counter()
@@ -382,7 +388,7 @@ def _resnet9_item(smoke: bool, npz_dir: str) -> dict:
 
 def _images_item(item: str, smoke: bool, npz_dir: str) -> dict:
   config, path, over = _config(item, smoke, npz_dir)
-  trainer, state, compile_s = _build(config)
+  trainer, state, compile_s = _build(config, npz_dir)
   warmup, steps = (1, 2) if smoke else {'seed_cnn': (20, 300)}.get(item, (5, 30))
   state, step_s, last = _timed_steps(trainer, state, warmup, steps)
   return {'figure': config.train.batch_size / step_s, 'unit': 'images/s',
@@ -543,9 +549,19 @@ def main(argv=None) -> int:
   if unknown:
     print(f'error: unknown item(s) {unknown}; choose from {", ".join(ITEMS)}', file=sys.stderr)
     return 2
+  # The CIFAR splits (180 MiB on a GPU run), the compilation cache and the items' workdirs
+  # live here for the run only; the JSON is written outside it.
+  work = tempfile.mkdtemp(prefix='accelerator_')
+  try:
+    return _measure(args, names, work, start)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args, names: list[str], work: str, start: float) -> int:
+  """Runs the items in child processes, prints the table, writes the JSON; the exit code."""
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
-  work = tempfile.mkdtemp(prefix='accelerator_')
   # A fresh cache: compile times are first compiles; the planner's recompile of the same
   # step, in the same process, is then a cache hit.
   env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(work, 'jax_cache'))
@@ -592,7 +608,11 @@ def main(argv=None) -> int:
             'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
             'items': [{**info, **r} for r in results], 'skipped': skipped,
             'failed': [r['item'] for r in results if not r.get('ok')]}
-  out = args.output or os.path.join(work, 'accelerator.json')
+  if args.output:
+    out = args.output
+  else:
+    fd, out = tempfile.mkstemp(prefix='accelerator_', suffix='.json')
+    os.close(fd)
   with open(out, 'w') as f:
     json.dump(report, f, indent=1, default=float)
   print(f'\n{report["date"]}, {info["device"]} ({info["platform"]}), jax {info["jax"]}, '

@@ -18,17 +18,20 @@ _SCRIPT = os.path.join(_ROOT, 'benchmarks', 'accelerator.py')
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('accelerator') / 'accelerator.json')
+  # Its own temp dir, to see what the run leaves there: only the JSON (no --output given).
+  tmp = tmp_path_factory.mktemp('accelerator_tmp')
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  proc = subprocess.run([sys.executable, _SCRIPT, '--smoke', f'--output={out}'], cwd=_ROOT,
+  env['TMPDIR'] = str(tmp)
+  proc = subprocess.run([sys.executable, _SCRIPT, '--smoke'], cwd=_ROOT,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  out = proc.stdout.rsplit('JSON: ', 1)[1].strip()
   with open(out) as f:
-    return proc.stdout, json.load(f)
+    return proc.stdout, json.load(f), os.path.relpath(out, tmp), sorted(os.listdir(tmp))
 
 
 def test_smoke_runs_every_item_and_records_versions(smoke, load_benchmark):
-  _, report = smoke
+  _, report, _, _ = smoke
   items = {r['item']: r for r in report['items']}
   assert list(items) == list(load_benchmark('accelerator').ITEMS)
   assert not report['failed'] and not report['skipped']
@@ -55,7 +58,7 @@ def test_smoke_runs_every_item_and_records_versions(smoke, load_benchmark):
 
 
 def test_smoke_prints_a_row_per_item_and_the_planner_beside_the_measurement(smoke):
-  stdout, report = smoke
+  stdout, report, _, _ = smoke
   rows = [line for line in stdout.splitlines() if line.startswith('| ')]
   for r in report['items']:
     assert any(row.startswith(f'| {r["item"]} |') for row in rows), r['item']
@@ -63,6 +66,12 @@ def test_smoke_prints_a_row_per_item_and_the_planner_beside_the_measurement(smok
   step_rows = [row for row in rows if row.startswith('| step time |')]
   assert len(step_rows) == 2  # gpt2_small and largest_lm: predicted, then measured.
   assert 'JSON: ' in stdout
+
+
+def test_smoke_leaves_only_its_json_in_the_temp_dir(smoke):
+  # The CIFAR splits, the compilation cache and the items' workdirs are removed at the end.
+  _, _, json_path, left = smoke
+  assert left == [json_path] and json_path.endswith('.json'), left
 
 
 def test_table_reports_failed_and_skipped_items(load_benchmark):
