@@ -18,11 +18,11 @@ import os
 
 import flax.linen as nn
 import jax
-import orbax.checkpoint as ocp
 
 from lm import checkpoint
 from lm import config as config_lib
 from lm import sharding
+from lm.checkpoint import ocp  # Imports orbax at first use.
 from lm.config import ConfigError
 
 

@@ -308,3 +308,14 @@ def test_read_only_workdir(tmp_path, read_only_dir):
   result = lm_main(f'--workdir={read_only_dir / "run"}', '--mode=eval')
   assert result.returncode == 0, result.stderr
   assert 'not writable' in result.stdout and '"eval/loss"' in result.stdout
+
+
+def test_a_run_imports_orbax_and_tfds_only_when_it_uses_them():
+  # orbax (with tensorstore) is 24 MiB of the process, resident during the step's compile,
+  # which sets the run's peak memory; it is imported at the first save or restore instead.
+  result = subprocess.run(
+      [sys.executable, '-c', 'import sys, lm.main, lm.train, lm.distill, lm.transfer; '
+       'print(sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "tensorstore", '
+       '"tensorflow_datasets", "tensorflow"}))'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.stdout.strip() == '[]', result.stdout + result.stderr
