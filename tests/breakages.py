@@ -1,6 +1,6 @@
 r"""Breaks the code on purpose, one claim at a time, and checks that a test catches each break.
 
-  python -m tests.breakages                 # all 40: 9-17 min on 2 cores shared with others
+  python -m tests.breakages                 # all 41: 9-17 min on 2 cores shared with others
   python -m tests.breakages --list          # the table: name, file, the tests that must fail
   python -m tests.breakages --only grad-accum-sums --only nan-guard-params-only
 
@@ -91,6 +91,11 @@ BREAKAGES = (
         "_VANISHED = (FileNotFoundError, NotADirectoryError)\n",
         "_VANISHED = (FileNotFoundError,)  # BREAKAGE: the other error kills the reader.\n",
         ('tests/test_checkpoint.py::test_restore_latest_reads_again_when_a_listed_step_vanishes',)),
+    Breakage(
+        'distill-imports-orbax-up-front', 'lm/distill.py',
+        "from lm.checkpoint import ocp  # Imports orbax at first use.\n",
+        "import orbax.checkpoint as ocp  # BREAKAGE: 24 MiB under the compile peak.\n",
+        ('tests/test_main.py::test_a_run_imports_orbax_and_tfds_only_when_it_uses_them',)),
     Breakage(
         'nan-guard-params-only', 'lm/steps.py',
         "  new = jax.lax.cond(finite, lambda: new, lambda: old)\n",
