@@ -312,7 +312,8 @@ def test_read_only_workdir(tmp_path, read_only_dir):
 
 def test_a_run_imports_orbax_and_tfds_only_when_it_uses_them():
   # orbax (with tensorstore) is 24 MiB of the process; imported up front it sits under the
-  # step's compile peak. lm.checkpoint imports it at the first save or restore instead.
+  # step's compile peak. lm.checkpoint imports it at first use: in a run, when the trainer
+  # opens its checkpoint manager after the compile.
   result = subprocess.run(
       [sys.executable, '-c', 'import sys, lm.main, lm.train, lm.distill, lm.transfer; '
        'print(sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "tensorstore", '
