@@ -549,8 +549,8 @@ def main(argv=None) -> int:
   if unknown:
     print(f'error: unknown item(s) {unknown}; choose from {", ".join(ITEMS)}', file=sys.stderr)
     return 2
-  # The CIFAR splits (180 MiB on a GPU run), the compilation cache and the items' workdirs
-  # live here for the run only; the JSON is written outside it.
+  # The CIFAR splits (176 MiB of uint8 images on a GPU run), the compilation cache and the
+  # items' workdirs live here for the run only; the JSON is written outside it.
   work = tempfile.mkdtemp(prefix='accelerator_')
   try:
     return _measure(args, names, work, start)
